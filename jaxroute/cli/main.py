@@ -1,0 +1,294 @@
+"""The ``jaxroute`` command line.
+
+Every subcommand prints progress to stderr; with ``--json`` the last line
+of stdout is one JSON object with the results.  Errors in user input end
+with a one-line message and exit status 2 (``JAXROUTE_DEBUG=1`` shows the
+traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+# Keep XLA from grabbing all memory of a GPU the user shares with other jobs.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _emit(result: dict, as_json: bool, human: str | None = None) -> None:
+    if human:
+        print(human)
+    if as_json:
+        print(json.dumps(result, sort_keys=True))
+
+
+def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--model", required=required, help="architecture name (see `jaxroute info`)")
+    p.add_argument("--weights", help="jaxroute checkpoint dir, or a PyTorch .th/.pt/.pth file (needs torch)")
+    p.add_argument("--gate-placement", choices=("post_act", "conv"), default=None,
+                   help="where the gates sit (default: the checkpoint's, else post_act)")
+
+
+def _add_data_args(p: argparse.ArgumentParser, split: str = "test") -> None:
+    p.add_argument("--data", default="digits",
+                   help="digits | path to an ImageFolder (split/class/*.jpg) or CIFAR-10 pickle folder | tfds:NAME")
+    p.add_argument("--split", default=split)
+    p.add_argument("--limit", type=int, default=None, help="use the first N samples (class-interleaved order)")
+    p.add_argument("--data-dir", default=None, help="cache / tfds data dir")
+    p.add_argument("--download", action="store_true", help="allow tfds to download (off by default)")
+
+
+def _load(args, need_weights: bool = False):
+    from jaxroute.weights import load_model
+
+    if need_weights and not args.weights and args.model != "digits_cnn":
+        _log(f"warning: no --weights given; {args.model} is randomly initialised")
+    overrides = {}
+    if getattr(args, "gate_placement", None):
+        overrides["gate_placement"] = args.gate_placement
+    import jax
+
+    return load_model(args.model, args.weights, key=jax.random.key(getattr(args, "seed", 0)), **overrides)
+
+
+def _data(args, split=None):
+    from jaxroute.data import load_dataset
+
+    return load_dataset(args.data, split or args.split, limit=args.limit,
+                        cache_dir=args.data_dir, download=args.download)
+
+
+def _check_data_fits(loaded, ds) -> None:
+    shape = tuple(ds.images.shape[1:])
+    if shape != tuple(loaded.meta.input_shape):
+        raise ValueError(f"data {ds.name!r} has images of shape {shape}, model {loaded.meta.arch} "
+                         f"expects {tuple(loaded.meta.input_shape)}")
+    if loaded.meta.num_classes < len(ds.class_names):
+        raise ValueError(f"data has {len(ds.class_names)} classes, model outputs {loaded.meta.num_classes}")
+
+
+# --------------------------------------------------------------------------- info
+def cmd_info(args) -> dict:
+    from jaxroute.models import create_model, gate_spec, list_models, model_card
+
+    if not args.model:
+        rows = []
+        for name in list_models():
+            c = model_card(name)
+            rows.append({"name": name, "input_shape": c.input_shape, "num_classes": c.num_classes,
+                         "description": c.description})
+        human = "\n".join(f"{r['name']:16s} {str(tuple(r['input_shape'])):16s} {r['num_classes']:5d}  "
+                          f"{r['description']}" for r in rows)
+        return {"models": rows}, human
+    card = model_card(args.model)
+    module = create_model(args.model, **({"gate_placement": args.gate_placement} if args.gate_placement else {}))
+    spec = gate_spec(module, card.input_shape)
+    res = {"name": card.name, "input_shape": list(card.input_shape), "num_classes": card.num_classes,
+           "mean": list(card.mean), "std": list(card.std), "gate_placement": module.gate_placement,
+           "gate_points": len(spec), "cdrp_size": spec.size, "layout": spec.layout()}
+    human = (f"{card.name}: {card.description}\ninput {card.input_shape}, {card.num_classes} classes, "
+             f"normalization mean={card.mean} std={card.std}\n{len(spec)} gate points "
+             f"({module.gate_placement}), CDRP size {spec.size}:\n"
+             + "\n".join(f"  {l['offset']:6d}  {l['name']:24s} {l['channels']}" for l in spec.layout()))
+    return res, human
+
+
+# --------------------------------------------------------------------------- eval
+def cmd_eval(args) -> dict:
+    from jaxroute.training import eval_logits, topk_accuracy
+
+    loaded = _load(args, need_weights=True)
+    ds = _data(args)
+    _check_data_fits(loaded, ds)
+    t = time.perf_counter()
+    logits = eval_logits(loaded.module, loaded.variables, ds, args.batch_size)
+    res = {"model": loaded.meta.arch, "data": args.data, "split": args.split, "n": int(len(ds.labels)),
+           **topk_accuracy(logits, ds.labels), "seconds": time.perf_counter() - t}
+    human = f"{res['model']} on {args.data}/{args.split}: n={res['n']} top1={res['top1']:.4f} top5={res['top5']:.4f}"
+    return res, human
+
+
+# --------------------------------------------------------------------------- train
+def cmd_train(args) -> dict:
+    import dataclasses
+
+    from jaxroute.training import TrainConfig, eval_logits, fit, topk_accuracy
+    from jaxroute.weights import save_model
+
+    loaded = _load(args)
+    train = _data(args, split="train")
+    _check_data_fits(loaded, train)
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      flip=args.augment, pad_crop=4 if args.augment else 0)
+    t = time.perf_counter()
+    variables = fit(loaded.module, loaded.variables, train, cfg, progress=not args.no_progress, log=_log)
+    seconds = time.perf_counter() - t
+    test = _data(args, split="test")
+    acc = topk_accuracy(eval_logits(loaded.module, variables, test), test.labels)
+    meta = dataclasses.replace(loaded.meta, class_names=tuple(train.class_names),
+                               source=f"jaxroute train --data {args.data} ({cfg})")
+    path = save_model(args.out, variables, meta, overwrite=args.overwrite)
+    res = {"model": loaded.meta.arch, "out": str(path), "train_seconds": seconds, "n_train": int(len(train.labels)),
+           "n": int(len(test.labels)), **acc}
+    human = (f"trained {res['model']} in {seconds:.1f}s; test top1={acc['top1']:.4f} top5={acc['top5']:.4f}; "
+             f"saved to {path}")
+    return res, human
+
+
+# --------------------------------------------------------------------------- convert
+def cmd_convert(args) -> dict:
+    from jaxroute.weights import save_model
+
+    loaded = _load(args)
+    if not args.weights:
+        raise ValueError("convert needs --weights (a PyTorch file)")
+    path = save_model(args.out, loaded.variables, loaded.meta, overwrite=args.overwrite)
+    res = {"model": loaded.meta.arch, "out": str(path)}
+    return res, f"converted {args.weights} -> {path}"
+
+
+# --------------------------------------------------------------------------- route
+def cmd_route(args) -> dict:
+    from jaxroute.routing import DGRConfig
+    from jaxroute.routing.job import RouteJob, run_route_job
+
+    if args.coordinator:
+        import jax
+
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    loaded = _load(args, need_weights=True)
+    ds = _data(args)
+    _check_data_fits(loaded, ds)
+    dgr = DGRConfig(steps=args.steps, lr=args.lr, momentum=args.momentum, gamma=args.gamma,
+                    clip_min=args.clip_min, clip_max=args.clip_max)
+    job = RouteJob(model=loaded.meta.arch, weights=str(args.weights or ""), data=args.data, split=args.split,
+                   limit=args.limit, method=args.method, dgr=dgr, prune_frac=args.prune_frac,
+                   gate_placement=loaded.module.gate_placement, batch_size=args.batch_size,
+                   shard_size=args.shard_size)
+    summary = run_route_job(loaded, ds, args.out, job, progress=not args.no_progress)
+    keys = ("n", "method", "top1_agreement", "top1_accuracy", "top5_accuracy", "full_top1", "full_top5",
+            "sparsity", "sparsity_std", "fallback_fraction", "images_per_s", "seconds")
+    res = {k: summary.get(k) for k in keys}
+    res["out"] = str(args.out)
+    ips = res["images_per_s"]
+    human = (f"{args.method} on {res['n']} images: top1 agreement {res['top1_agreement']:.4f}, "
+             f"top5 {res['top5_accuracy']:.4f}, sparsity {res['sparsity']:.4f}±{res['sparsity_std']:.4f}, "
+             f"fallback {res['fallback_fraction']:.4f}"
+             + (f", {ips:.1f} images/s" if ips else "") + f"; shards in {args.out}")
+    return res, human
+
+
+# --------------------------------------------------------------------------- quickstart
+def cmd_quickstart(args) -> dict:
+    """The embedded default job: train the digits CNN (once), then route the digits test set."""
+    from pathlib import Path
+
+    out = Path(args.out)
+    ckpt = out / "digits_cnn"
+    common = ["--data", "digits", "--no-progress"] if args.no_progress else ["--data", "digits"]
+    if not (ckpt / "jaxroute.json").exists():
+        _log(f"[1/2] training digits_cnn on scikit-learn's 8x8 digits -> {ckpt}")
+        targs = build_parser().parse_args(["train", "--model", "digits_cnn", "--out", str(ckpt),
+                                           "--overwrite", "--epochs", str(args.epochs), *common])
+        tres, human = cmd_train(targs)
+        _log(human)
+    else:
+        _log(f"[1/2] using the trained digits_cnn in {ckpt}")
+    _log(f"[2/2] routing the digits test set with DGR -> {out / 'routes'}")
+    rargs = build_parser().parse_args(["route", "--model", "digits_cnn", "--weights", str(ckpt), "--split", "test",
+                                       "--out", str(out / "routes"), "--batch-size", "120",
+                                       "--shard-size", "120", *common])
+    res, human = cmd_route(rargs)
+    return res, human
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jaxroute", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("info", help="list models, or show one model's gate layout")
+    s.add_argument("--model")
+    s.add_argument("--gate-placement", choices=("post_act", "conv"), default=None)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("eval", help="top-1/top-5 accuracy of a model on a data set")
+    _add_model_args(s)
+    _add_data_args(s)
+    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("train", help="train or fine-tune a model, save an orbax checkpoint")
+    _add_model_args(s)
+    _add_data_args(s, split="train")
+    s.add_argument("--out", required=True, help="checkpoint directory to write")
+    s.add_argument("--epochs", type=int, default=20)
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--lr", type=float, default=0.05)
+    s.add_argument("--augment", action="store_true", help="random flips and 4-pixel pad-crops")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("convert", help="convert PyTorch weights into a jaxroute checkpoint (needs torch)")
+    _add_model_args(s)
+    s.add_argument("--out", required=True)
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("route", help="extract routing paths (CDRPs) of a data set into resumable shards")
+    _add_model_args(s)
+    _add_data_args(s)
+    s.add_argument("--out", required=True)
+    s.add_argument("--method", choices=("dgr", "awr", "aar"), default="dgr")
+    s.add_argument("--steps", type=int, default=30, help="DGR: SGD steps T")
+    s.add_argument("--lr", type=float, default=0.1, help="DGR: learning rate")
+    s.add_argument("--momentum", type=float, default=0.9, help="DGR: momentum")
+    s.add_argument("--gamma", type=float, default=0.05, help="DGR: L1 weight")
+    s.add_argument("--clip-min", type=float, default=0.0)
+    s.add_argument("--clip-max", type=float, default=10.0)
+    s.add_argument("--prune-frac", type=float, default=0.02, help="AWR/AAR: fraction pruned per iteration")
+    s.add_argument("--batch-size", type=int, default=128, help="images routed at once (memory bound)")
+    s.add_argument("--shard-size", type=int, default=1024, help="images per output shard (multiple of batch)")
+    s.add_argument("--coordinator", help="jax.distributed coordinator address host:port (multi-host)")
+    s.add_argument("--num-processes", type=int, default=None)
+    s.add_argument("--process-id", type=int, default=None)
+    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_route)
+
+    s = sub.add_parser("quickstart", help="the embedded default job: train the digits CNN, route its test set")
+    s.add_argument("--out", default="runs/quickstart")
+    s.add_argument("--epochs", type=int, default=20)
+    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_quickstart)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        res, human = args.func(args)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError, KeyError) as e:
+        if os.environ.get("JAXROUTE_DEBUG"):
+            raise
+        msg = str(e).strip() or type(e).__name__
+        print(f"jaxroute {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    _emit(res, getattr(args, "json", False), human)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""``load_dataset``: one string names any supported source.
+
+A single spec string keeps command lines and experiment configs uniform
+(``--data digits``, ``--data ../shared/data/cifar10-jpeg``, ``--data tfds:mnist``)
+while each source keeps its own loader module.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .core import Dataset, check_limit
+
+TFDS_PREFIX = "tfds:"
+SPEC_HELP = ("'digits' (scikit-learn 8x8 digits), 'tfds:NAME' (tfds syntax: 'mnist', 'cifar10:3.0.2', "
+             "'name/config:version'), or the path of a folder: ImageFolder layout ROOT/<split>/<class>/*.jpg|png, "
+             "or CIFAR-10 python batches (a folder with batches.meta)")
+
+
+def _looks_like_path(spec: str) -> bool:
+    return os.sep in spec or "/" in spec or spec.startswith((".", "~")) or Path(spec).exists()
+
+
+def load_dataset(spec: str, split: str = "test", limit: int | None = None, cache_dir=None,
+                 download: bool = False, *, data_dir=None) -> Dataset:
+    """Load ``split`` of the data set named by ``spec`` as a ``Dataset``.
+
+    ``limit`` keeps the first ``limit`` samples of the source's canonical order
+    (class-interleaved for ImageFolders, so prefixes are balanced).
+    ``cache_dir`` is where decoded ImageFolders are cached (default
+    ``$JAXROUTE_CACHE`` or ``~/.cache/jaxroute``) and, for ``tfds:`` specs, the
+    tfds data dir (default ``$TFDS_DATA_DIR`` or tfds' own); ``data_dir`` is an
+    alias for the latter that reads better in tfds code. ``download`` applies to
+    tfds only and is off so that an unprepared data set fails at once.
+    """
+    if not isinstance(spec, (str, os.PathLike)):
+        raise TypeError(f"spec must be a string, got {type(spec).__name__}; expected {SPEC_HELP}")
+    spec = os.fspath(spec)
+    if not isinstance(split, str) or not split:
+        raise ValueError(f"split must be a non-empty string, got {split!r}")
+    if limit is not None:
+        limit = check_limit(limit)
+    if data_dir is not None:
+        if not spec.startswith(TFDS_PREFIX):
+            raise ValueError(f"data_dir applies to 'tfds:' specs only (got spec {spec!r}); use cache_dir")
+        if cache_dir is not None and Path(cache_dir) != Path(data_dir):
+            raise ValueError(f"cache_dir={cache_dir!r} and data_dir={data_dir!r} disagree; pass one of them")
+        cache_dir = data_dir
+
+    if spec == "digits":
+        from .digits import load_digits_dataset
+
+        return load_digits_dataset(split, limit)
+    if spec.startswith(TFDS_PREFIX):
+        from .tfds_source import load_tfds
+
+        name = spec[len(TFDS_PREFIX):]
+        if not name:
+            raise ValueError(f"empty tfds dataset name in spec {spec!r}; expected 'tfds:NAME'")
+        return load_tfds(name, split, limit, data_dir=cache_dir, download=download)
+    if not _looks_like_path(spec):
+        raise ValueError(f"unknown dataset spec {spec!r}: not a known name and no such folder; expected {SPEC_HELP}")
+    root = Path(spec).expanduser()
+    from .cifar_pickle import is_cifar_pickle_dir, load_cifar_pickle
+
+    if is_cifar_pickle_dir(root):
+        return load_cifar_pickle(root, split, limit)
+    from .imagefolder import load_imagefolder
+
+    return load_imagefolder(root, split, limit, cache_dir=cache_dir)

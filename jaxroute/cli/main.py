@@ -171,7 +171,7 @@ def cmd_route(args) -> dict:
                    limit=args.limit, method=args.method, dgr=dgr, prune_frac=args.prune_frac,
                    gate_placement=loaded.module.gate_placement, batch_size=args.batch_size,
                    shard_size=args.shard_size)
-    summary = run_route_job(loaded, ds, args.out, job, progress=not args.no_progress)
+    summary = run_route_job(loaded, ds, args.out, job, progress=not args.no_progress, log=_log)
     keys = ("n", "method", "top1_agreement", "top1_accuracy", "top5_accuracy", "full_top1", "full_top5",
             "sparsity", "sparsity_std", "fallback_fraction", "images_per_s", "seconds")
     res = {k: summary.get(k) for k in keys}
@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--clip-min", type=float, default=0.0)
     s.add_argument("--clip-max", type=float, default=10.0)
     s.add_argument("--prune-frac", type=float, default=0.02, help="AWR/AAR: fraction pruned per iteration")
-    s.add_argument("--batch-size", type=int, default=128, help="images routed at once (memory bound)")
+    s.add_argument("--batch-size", type=int, default=128, help="images routed at once per device (bounds memory)")
     s.add_argument("--shard-size", type=int, default=1024, help="images per output shard (multiple of batch)")
     s.add_argument("--coordinator", help="jax.distributed coordinator address host:port (multi-host)")
     s.add_argument("--num-processes", type=int, default=None)

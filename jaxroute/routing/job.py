@@ -17,9 +17,12 @@ for a fixed batch composition and shard boundaries are fixed, so the final
 output equals an uninterrupted run's.  A manifest written by different
 arguments is refused rather than mixed.
 
-Parallelism: one global batch is split over all local JAX devices
-(``jax.sharding``, data-parallel, no communication needed since samples are
-independent).  Several processes (``jax.distributed``) each take the shards
+Parallelism: ``batch_size`` is the batch *per device*; a global batch of
+``batch_size * local devices`` is split over all local JAX devices
+(``jax.sharding``, data-parallel; no communication, samples are
+independent).  Every device so runs the same compiled shape whatever the
+device count, which keeps results bit-identical between 1 and N devices.
+Several processes (``jax.distributed``) each take the shards
 ``i % process_count == process_index``.
 """
 from __future__ import annotations
@@ -62,7 +65,7 @@ class RouteJob:
     dgr: DGRConfig = DGRConfig()
     prune_frac: float = 0.02
     gate_placement: str = "post_act"
-    batch_size: int = 128
+    batch_size: int = 128  # per device
     shard_size: int = 1024
 
     def __post_init__(self):
@@ -184,8 +187,10 @@ def run_route_job(loaded, dataset: Dataset, out: str | os.PathLike, job: RouteJo
     _check_or_write_manifest(out, manifest, write=(pi == 0))
 
     devices = jax.local_devices()
-    if job.batch_size % len(devices):
-        raise ValueError(f"batch_size {job.batch_size} must be divisible by the {len(devices)} local devices")
+    global_batch = job.batch_size * len(devices)
+    if job.shard_size % global_batch:
+        raise ValueError(f"shard_size {job.shard_size} must be a multiple of batch_size x local devices "
+                         f"= {job.batch_size} x {len(devices)}")
     mesh = Mesh(np.array(devices), ("batch",))
     sharding = NamedSharding(mesh, P("batch"))
     route = make_router(loaded, job.method, job.dgr, job.prune_frac)
@@ -193,6 +198,9 @@ def run_route_job(loaded, dataset: Dataset, out: str | os.PathLike, job: RouteJo
     mine = [i for i in range(n_shards) if i % pc == pi]
     todo = [i for i in mine if not shard_path(out, i).exists()]
     n_todo = sum(min(job.shard_size, n - i * job.shard_size) for i in todo)
+    if log is not None:
+        log(f"routing {n_todo} of {n} images ({len(mine) - len(todo)} of my {len(mine)} shards already done) "
+            f"on {len(devices)} local device(s), process {pi} of {pc}")
     bar = tqdm(total=n_todo, unit="img", disable=not progress, desc=f"route {job.method}")
     t_start, t_first, n_done, n_first = time.perf_counter(), None, 0, 0
     for i in todo:
@@ -200,7 +208,7 @@ def run_route_job(loaded, dataset: Dataset, out: str | os.PathLike, job: RouteJo
         part = Dataset(dataset.images[lo:hi], dataset.labels[lo:hi], dataset.class_names, dataset.name)
         results: dict[str, list] = {}
         pending = None  # dispatch batch k+1 before fetching batch k: keeps the devices busy
-        for bt in list(batches(part, job.batch_size)) + [None]:
+        for bt in list(batches(part, global_batch)) + [None]:
             nxt = None
             if bt is not None:
                 nxt = (route(jax.device_put(jnp.asarray(bt.images), sharding)), bt.n_valid)

@@ -1,0 +1,124 @@
+"""The extraction job: shards, manifest, resume after a kill, devices, processes."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxroute.cli.main import main
+from jaxroute.routing.job import load_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def digits_ckpt(tmp_path_factory):
+    """A digits CNN trained here (a few seconds): real weights for routing tests."""
+    out = tmp_path_factory.mktemp("ckpt") / "digits_cnn"
+    assert main(["train", "--model", "digits_cnn", "--data", "digits", "--out", str(out), "--epochs", "6",
+                 "--no-progress"]) == 0
+    return out
+
+
+def route_args(ckpt, out, *extra):
+    return ["route", "--model", "digits_cnn", "--weights", str(ckpt), "--data", "digits", "--split", "test",
+            "--out", str(out), "--batch-size", "20", "--shard-size", "40", "--no-progress",
+            *extra]
+
+
+def run_cli(args, env=None, **kw):
+    return subprocess.Popen([sys.executable, "-m", "jaxroute.cli.main", *args], cwd=ROOT,
+                            env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kw)
+
+
+def assert_same_outputs(a, b):
+    sa, sb = load_shards(a), load_shards(b)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        np.testing.assert_array_equal(sa[k], sb[k], err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def reference_run(digits_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "routes"
+    assert main(route_args(digits_ckpt, out)) == 0
+    return out
+
+
+def test_route_outputs_and_json(digits_ckpt, reference_run, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(route_args(digits_ckpt, out, "--limit", "60", "--json")) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    res = json.loads(last)
+    for key in ("n", "top1_agreement", "top5_accuracy", "sparsity", "images_per_s", "fallback_fraction"):
+        assert key in res
+    assert res["n"] == 60 and res["top1_agreement"] == 1.0 and 0 < res["sparsity"] < 1
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["num_shards"] == 2 and manifest["cdrp_size"] == 224
+    assert [l["offset"] for l in manifest["layout"]] == [0, 32, 96]
+    with np.load(out / "shard-00001.npz") as z:  # plain numpy, no jaxroute needed
+        assert z["cdrp"].shape == (20, 224) and list(z["index"]) == list(range(40, 60))
+        assert set(z.files) >= {"cdrp", "label", "pred", "gated_pred", "loss", "fell_back", "full_logits"}
+    # The first 60 of the full run are the same samples with the same gates.
+    full = load_shards(reference_run)
+    np.testing.assert_array_equal(load_shards(out)["cdrp"], full["cdrp"][:60])
+
+
+def test_resume_after_kill_is_identical(digits_ckpt, reference_run, tmp_path):
+    out = tmp_path / "killed"
+    p = run_cli(route_args(digits_ckpt, out))
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.glob("shard-*.npz"))) < 3:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    n_before = len(list(out.glob("shard-*.npz")))
+    assert 3 <= n_before < 9, "the job should have been killed part-way"
+    assert main(route_args(digits_ckpt, out)) == 0
+    assert len(list(out.glob("shard-*.npz"))) == 9
+    assert_same_outputs(out, reference_run)
+
+
+def test_changed_arguments_are_refused(digits_ckpt, reference_run, capsys):
+    assert main(route_args(digits_ckpt, reference_run, "--gamma", "0.1")) == 2
+    assert "different arguments" in capsys.readouterr().err
+
+
+def test_four_devices_give_the_same_results(digits_ckpt, reference_run, tmp_path):
+    def args(out):  # --batch-size is per device: 4 devices x 10 = one shard of 40 per step
+        a = route_args(digits_ckpt, out)
+        a[a.index("--batch-size") + 1] = "10"
+        return a
+
+    p = run_cli(args(tmp_path / "dev4"), env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stderr
+    assert "on 4 local device(s)" in stderr
+    assert main(args(tmp_path / "dev1")) == 0
+    assert_same_outputs(tmp_path / "dev4", tmp_path / "dev1")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_with_jax_distributed(digits_ckpt, reference_run, tmp_path):
+    out = tmp_path / "mp"
+    addr = f"127.0.0.1:{_free_port()}"
+    procs = [run_cli(route_args(digits_ckpt, out, "--coordinator", addr, "--num-processes", "2",
+                                "--process-id", str(i), "--json")) for i in range(2)]
+    results = [p.communicate(timeout=300) for p in procs]
+    for p, (so, se) in zip(procs, results):
+        assert p.returncode == 0, se
+    assert_same_outputs(out, reference_run)
+    summary = json.loads(results[0][0].strip().splitlines()[-1])
+    assert summary["n"] == 360

@@ -155,6 +155,8 @@ def cmd_convert(args) -> dict:
 
 # --------------------------------------------------------------------------- route
 def cmd_route(args) -> dict:
+    import dataclasses
+
     from jaxroute.routing import DGRConfig
     from jaxroute.routing.job import RouteJob, run_route_job
 
@@ -162,15 +164,17 @@ def cmd_route(args) -> dict:
         import jax
 
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    loaded = _load(args, need_weights=True)
-    ds = _data(args)
-    _check_data_fits(loaded, ds)
     dgr = DGRConfig(steps=args.steps, lr=args.lr, momentum=args.momentum, gamma=args.gamma,
                     clip_min=args.clip_min, clip_max=args.clip_max)
-    job = RouteJob(model=loaded.meta.arch, weights=str(args.weights or ""), data=args.data, split=args.split,
+    # Built before anything is loaded, so bad arguments fail at once.
+    job = RouteJob(model=args.model, weights=str(args.weights or ""), data=args.data, split=args.split,
                    limit=args.limit, method=args.method, dgr=dgr, prune_frac=args.prune_frac,
-                   gate_placement=loaded.module.gate_placement, batch_size=args.batch_size,
+                   gate_placement=args.gate_placement or "post_act", batch_size=args.batch_size,
                    shard_size=args.shard_size)
+    loaded = _load(args, need_weights=True)
+    job = dataclasses.replace(job, model=loaded.meta.arch, gate_placement=loaded.module.gate_placement)
+    ds = _data(args)
+    _check_data_fits(loaded, ds)
     summary = run_route_job(loaded, ds, args.out, job, progress=not args.no_progress, log=_log)
     keys = ("n", "method", "top1_agreement", "top1_accuracy", "top5_accuracy", "full_top1", "full_top5",
             "sparsity", "sparsity_std", "fallback_fraction", "images_per_s", "seconds")

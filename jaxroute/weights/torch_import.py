@@ -66,7 +66,10 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     for k, v in obj.items():
         if not hasattr(v, "detach"):
             continue
-        out[k.removeprefix("module.")] = v.detach().cpu().numpy()
+        v = v.detach().cpu()
+        if v.dtype == torch.bfloat16:  # numpy has no bfloat16
+            v = v.float()
+        out[k.removeprefix("module.")] = v.numpy()
     if not out:
         raise ValueError(f"{path} contains no tensors")
     return out
@@ -121,6 +124,7 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], target: Mapping) -> dict
         want = tuple(flat_target[key].shape)
         if arr.shape != want:
             misshaped.append(f"{name}: checkpoint {tuple(value.shape)} -> {arr.shape}, model expects {want}")
+            used.add(key)  # present, only mis-shaped: report it once, not also as missing
             continue
         converted[key] = arr
         used.add(key)

@@ -1,9 +1,10 @@
 """Adaptive Weight Routing (AWR) and Adaptive Activation Routing (AAR).
 
 The pruning baselines of the DGR paper (Sec. 4.1): starting from the full
-network, each iteration removes, in every gate layer, the 2% (of the layer's
-channel count, at least one channel) lowest-ranked channels that are still
-active, ranked by the l1 norm of the channel's weights (AWR) or of its
+network, each iteration removes, in every gate layer, the 2% lowest-ranked
+channels that are still active (after iteration i a layer of C channels has
+round(0.02*C*i) pruned, so every layer loses 2% per iteration on average even
+when 2% of it is less than one channel), ranked by the l1 norm of the channel's weights (AWR) or of its
 activation in the current, already pruned network (AAR).  Pruning stops for
 a sample when its top-1 prediction changes; the kept path is the last mask
 that still gave the original prediction (the same selection criterion as
@@ -79,15 +80,15 @@ def activation_l1_scores(acts: dict, spec: GateSpec) -> jax.Array:
                                 for n, a in acts.items()})
 
 
-def _prune_lowest(mask, scores, spec: GateSpec, frac: float):
-    """Deactivate, per layer, the ceil(frac*C) lowest-scored active channels."""
-    scores = jnp.where(mask > 0, scores, jnp.inf)
+def _prune_to(mask, scores, spec: GateSpec, frac: float, it):
+    """Prune the lowest-scored active channels until each layer has round(frac*C*it) pruned."""
+    # Pruned channels sort first, then active ones by ascending score.
+    key = jnp.where(mask > 0, scores, -jnp.inf)
     new = []
     for c, o in zip(spec.channels, spec.offsets):
-        k = max(1, math.ceil(frac * c))
-        s = scores[:, o : o + c]
-        rank = jnp.argsort(jnp.argsort(s, axis=-1), axis=-1)
-        new.append(jnp.where(rank < k, 0.0, mask[:, o : o + c]))
+        n_pruned = jnp.minimum(jnp.round(frac * c * it), c)[:, None]  # it: (B,)
+        rank = jnp.argsort(jnp.argsort(key[:, o : o + c], axis=-1), axis=-1)
+        new.append(jnp.where(rank < n_pruned, 0.0, mask[:, o : o + c]))
     return jnp.concatenate(new, axis=-1)
 
 
@@ -105,7 +106,7 @@ def prune_route(capture_fn: CaptureFn, spec: GateSpec, x: jax.Array, method: str
     if not 0 < frac < 1:
         raise ValueError(f"frac must be in (0, 1), got {frac}")
     b, d = x.shape[0], spec.size
-    iters = max_iters if max_iters is not None else math.ceil(1 / frac) + 1
+    iters = max_iters if max_iters is not None else math.ceil(1 / frac)
     ones = jnp.ones((b, d), x.dtype)
     full_logits, acts = capture_fn(unflatten_gates(spec, ones), x)
     pred = jnp.argmax(full_logits, -1)
@@ -117,7 +118,7 @@ def prune_route(capture_fn: CaptureFn, spec: GateSpec, x: jax.Array, method: str
 
     def body(carry, _):
         mask, logits, scores, active, n = carry
-        cand = _prune_lowest(mask, scores, spec, frac)
+        cand = _prune_to(mask, scores, spec, frac, n + 1)
         cl, cacts = capture_fn(unflatten_gates(spec, cand), x)
         ok = active & (jnp.argmax(cl, -1) == pred)
         mask = jnp.where(ok[:, None], cand, mask)

@@ -122,3 +122,23 @@ def test_two_processes_with_jax_distributed(digits_ckpt, reference_run, tmp_path
     assert_same_outputs(out, reference_run)
     summary = json.loads(results[0][0].strip().splitlines()[-1])
     assert summary["n"] == 360
+
+
+def test_memory_budget_picks_a_batch_that_fits(digits_ckpt, capsys):
+    from jaxroute.routing.job import batch_size_for_memory, make_router, parse_bytes
+    from jaxroute.weights import load_model
+
+    assert parse_bytes("4MB") == 4 * 2**20 and parse_bytes("1.5GiB") == int(1.5 * 2**30)
+    with pytest.raises(ValueError, match="memory size"):
+        parse_bytes("lots")
+    m = load_model(None, digits_ckpt)
+    router = make_router(m, "dgr")
+    small, big = (batch_size_for_memory(router, (8, 8, 1), parse_bytes(b)) for b in ("4MB", "16MB"))
+    assert 1 <= small < big
+    # The extrapolation holds: the program compiled at the chosen size fits the budget.
+    import jax, numpy as np
+
+    ma = router.lower(jax.ShapeDtypeStruct((big, 8, 8, 1), np.float32)).compile().memory_analysis()
+    assert ma.temp_size_in_bytes + ma.argument_size_in_bytes + ma.output_size_in_bytes <= 16 * 2**20
+    with pytest.raises(ValueError, match="cannot hold one sample"):
+        batch_size_for_memory(router, (8, 8, 1), 1000)

@@ -158,7 +158,9 @@ def cmd_route(args) -> dict:
     import dataclasses
 
     from jaxroute.routing import DGRConfig
-    from jaxroute.routing.job import RouteJob, run_route_job
+    from jaxroute.routing.job import (
+        RouteJob, batch_size_for_memory, make_router, parse_bytes, run_route_job,
+    )
 
     if args.coordinator:
         import jax
@@ -166,6 +168,7 @@ def cmd_route(args) -> dict:
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     dgr = DGRConfig(steps=args.steps, lr=args.lr, momentum=args.momentum, gamma=args.gamma,
                     clip_min=args.clip_min, clip_max=args.clip_max)
+    budget = parse_bytes(args.memory_budget) if args.memory_budget else None
     # Built before anything is loaded, so bad arguments fail at once.
     job = RouteJob(model=args.model, weights=str(args.weights or ""), data=args.data, split=args.split,
                    limit=args.limit, method=args.method, dgr=dgr, prune_frac=args.prune_frac,
@@ -173,6 +176,13 @@ def cmd_route(args) -> dict:
                    shard_size=args.shard_size)
     loaded = _load(args, need_weights=True)
     job = dataclasses.replace(job, model=loaded.meta.arch, gate_placement=loaded.module.gate_placement)
+    if budget is not None:
+        b = batch_size_for_memory(make_router(loaded, args.method, dgr, args.prune_frac),
+                                  loaded.meta.input_shape, budget)
+        b = min(b, args.shard_size)
+        shard = -(-args.shard_size // b) * b
+        _log(f"memory budget {budget / 2**20:.0f} MiB per device -> batch size {b}, shard size {shard}")
+        job = dataclasses.replace(job, batch_size=b, shard_size=shard)
     ds = _data(args)
     _check_data_fits(loaded, ds)
     summary = run_route_job(loaded, ds, args.out, job, progress=not args.no_progress, log=_log)
@@ -264,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prune-frac", type=float, default=0.02, help="AWR/AAR: fraction pruned per iteration")
     s.add_argument("--batch-size", type=int, default=128, help="images routed at once per device (bounds memory)")
     s.add_argument("--shard-size", type=int, default=1024, help="images per output shard (multiple of batch)")
+    s.add_argument("--memory-budget", help="e.g. 2GB: choose the per-device batch size to fit this much memory "
+                                           "(overrides --batch-size; shard size is rounded up to a multiple)")
     s.add_argument("--coordinator", help="jax.distributed coordinator address host:port (multi-host)")
     s.add_argument("--num-processes", type=int, default=None)
     s.add_argument("--process-id", type=int, default=None)

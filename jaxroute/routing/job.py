@@ -127,6 +127,43 @@ def route_array(router: Callable, x, batch_size: int) -> dict[str, np.ndarray]:
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
+def batch_size_for_memory(router: Callable, input_shape, budget_bytes: int, probes=(8, 16)) -> int:
+    """Largest per-device batch whose compiled routing program fits ``budget_bytes``.
+
+    Compiles the router at two small batch sizes, reads XLA's memory analysis
+    (temporaries + arguments + outputs; weights are constants of the
+    program and counted too) and extrapolates linearly -- the program's
+    memory is affine in the batch size.
+    """
+    sizes = []
+    for b in probes:
+        compiled = router.lower(jax.ShapeDtypeStruct((b, *input_shape), jnp.float32)).compile()
+        ma = compiled.memory_analysis()
+        if ma is None:
+            raise RuntimeError("this backend reports no memory analysis; give --batch-size instead")
+        sizes.append(ma.temp_size_in_bytes + ma.argument_size_in_bytes + ma.output_size_in_bytes
+                     + getattr(ma, "generated_code_size_in_bytes", 0))
+    per_sample = max(1.0, (sizes[1] - sizes[0]) / (probes[1] - probes[0]))
+    fixed = sizes[0] - per_sample * probes[0]
+    b = int((budget_bytes - fixed) // per_sample)
+    if b < 1:
+        raise ValueError(f"a memory budget of {budget_bytes / 2**20:.1f} MiB cannot hold one sample "
+                         f"(needs about {(fixed + per_sample) / 2**20:.1f} MiB)")
+    return b
+
+
+def parse_bytes(text: str) -> int:
+    """'512MB', '2G', '1.5GiB', '1000000' -> bytes."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    try:
+        if t and t[-1] in mult:
+            return int(float(t[:-1]) * mult[t[-1]])
+        return int(float(t))
+    except ValueError:
+        raise ValueError(f"cannot read a memory size from {text!r} (examples: 512MB, 2GB)") from None
+
+
 def shard_path(out: Path, i: int) -> Path:
     return out / f"shard-{i:05d}.npz"
 

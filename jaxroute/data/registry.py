@@ -9,12 +9,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+
 from .core import Dataset, check_limit
 
 TFDS_PREFIX = "tfds:"
 SPEC_HELP = ("'digits' (scikit-learn 8x8 digits), 'tfds:NAME' (tfds syntax: 'mnist', 'cifar10:3.0.2', "
              "'name/config:version'), or the path of a folder: ImageFolder layout ROOT/<split>/<class>/*.jpg|png, "
-             "or CIFAR-10 python batches (a folder with batches.meta)")
+             "or CIFAR-10 python batches (a folder with batches.meta), or a folder with SPLIT.npz arrays "
+             "(images, labels[, class_names]), as `jaxroute attack` writes")
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -61,6 +64,8 @@ def load_dataset(spec: str, split: str = "test", limit: int | None = None, cache
     if not _looks_like_path(spec):
         raise ValueError(f"unknown dataset spec {spec!r}: not a known name and no such folder; expected {SPEC_HELP}")
     root = Path(spec).expanduser()
+    if (root / f"{split}.npz").is_file():
+        return load_arrays_split(root / f"{split}.npz", limit)
     from .cifar_pickle import is_cifar_pickle_dir, load_cifar_pickle
 
     if is_cifar_pickle_dir(root):
@@ -68,3 +73,17 @@ def load_dataset(spec: str, split: str = "test", limit: int | None = None, cache
     from .imagefolder import load_imagefolder
 
     return load_imagefolder(root, split, limit, cache_dir=cache_dir)
+
+
+def load_arrays_split(path: Path, limit: int | None) -> Dataset:
+    """A split stored as arrays: ``images`` (N,H,W,C) in [0,1] or uint8, ``labels``,
+    optional ``class_names`` -- the format `jaxroute attack` writes its adversarial images in."""
+    from .core import as_dataset
+
+    with np.load(path, allow_pickle=False) as z:
+        missing = {"images", "labels"} - set(z.files)
+        if missing:
+            raise ValueError(f"{path} lacks arrays {sorted(missing)} (has {z.files})")
+        n = len(z["labels"]) if limit is None else min(limit, len(z["labels"]))
+        names = tuple(str(c) for c in z["class_names"]) if "class_names" in z.files else None
+        return as_dataset(z["images"][:n], z["labels"][:n], names, name=str(path))

@@ -7,7 +7,8 @@ Output directory::
     shard-00000.npz    one per ``shard_size`` samples, plain numpy:
                        index, label, cdrp (n, D), pred, gated_pred,
                        full_logits, gated_logits, loss (DGR) or
-                       iterations (AWR/AAR), fell_back
+                       iterations (AWR/AAR), fell_back, features
+                       (the full model's penultimate activations)
     summary.json       Table-1 metrics over all shards, throughput
 
 Every file is written atomically (temp file + rename), so a job killed at
@@ -83,13 +84,18 @@ def make_router(loaded, method: str, dgr: DGRConfig = DGRConfig(), prune_frac: f
     """A jitted ``route(x) -> dict of per-sample arrays`` for one method."""
     spec = loaded.spec
     module, variables = loaded.module, loaded.variables
+    def features(x):
+        # Penultimate activations of the full model: the baseline feature for detectors.
+        return module.apply(variables, x, capture=True)[1]["features"]
+
     if method == "dgr":
         fn = partial(dgr_route, loaded.logits_fn(), spec, config=dgr)
 
         def route(x):
             r = fn(x)
             return {"cdrp": r.cdrp, "pred": r.pred, "gated_pred": r.gated_pred, "loss": r.loss,
-                    "fell_back": r.fell_back, "full_logits": r.full_logits, "gated_logits": r.gated_logits}
+                    "fell_back": r.fell_back, "full_logits": r.full_logits, "gated_logits": r.gated_logits,
+                    "features": features(x)}
     else:
         def capture_fn(g, x):
             logits, cap = module.apply(variables, x, gates=g, capture=True)
@@ -101,7 +107,7 @@ def make_router(loaded, method: str, dgr: DGRConfig = DGRConfig(), prune_frac: f
             r = prune_route(capture_fn, spec, x, method, weight_scores=ws, frac=prune_frac)
             return {"cdrp": r.cdrp, "pred": r.pred, "gated_pred": r.gated_pred, "iterations": r.iterations,
                     "fell_back": r.iterations == 0, "full_logits": r.full_logits,
-                    "gated_logits": r.gated_logits}
+                    "gated_logits": r.gated_logits, "features": features(x)}
     return jax.jit(route)
 
 
@@ -127,28 +133,38 @@ def route_array(router: Callable, x, batch_size: int) -> dict[str, np.ndarray]:
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def batch_size_for_memory(router: Callable, input_shape, budget_bytes: int, probes=(8, 16)) -> int:
+def batch_size_for_memory(router: Callable, input_shape, budget_bytes: int, probes=(8, 32)) -> int:
     """Largest per-device batch whose compiled routing program fits ``budget_bytes``.
 
-    Compiles the router at two small batch sizes, reads XLA's memory analysis
-    (temporaries + arguments + outputs; weights are constants of the
-    program and counted too) and extrapolates linearly -- the program's
-    memory is affine in the batch size.
+    Compiles the router at two batch sizes, reads XLA's memory analysis
+    (temporaries + arguments + outputs; weights are constants of the program
+    and counted too), extrapolates linearly, then compiles the chosen size to
+    check it -- XLA's buffer assignment is only roughly affine in the batch --
+    and shrinks it until it fits.
     """
-    sizes = []
-    for b in probes:
+
+    def need(b: int) -> int:
         compiled = router.lower(jax.ShapeDtypeStruct((b, *input_shape), jnp.float32)).compile()
         ma = compiled.memory_analysis()
         if ma is None:
             raise RuntimeError("this backend reports no memory analysis; give --batch-size instead")
-        sizes.append(ma.temp_size_in_bytes + ma.argument_size_in_bytes + ma.output_size_in_bytes
-                     + getattr(ma, "generated_code_size_in_bytes", 0))
-    per_sample = max(1.0, (sizes[1] - sizes[0]) / (probes[1] - probes[0]))
-    fixed = sizes[0] - per_sample * probes[0]
+        return (ma.temp_size_in_bytes + ma.argument_size_in_bytes + ma.output_size_in_bytes
+                + getattr(ma, "generated_code_size_in_bytes", 0))
+
+    lo, hi = need(probes[0]), need(probes[1])
+    per_sample = max(1.0, (hi - lo) / (probes[1] - probes[0]))
+    fixed = lo - per_sample * probes[0]
     b = int((budget_bytes - fixed) // per_sample)
     if b < 1:
         raise ValueError(f"a memory budget of {budget_bytes / 2**20:.1f} MiB cannot hold one sample "
                          f"(needs about {(fixed + per_sample) / 2**20:.1f} MiB)")
+    for _ in range(8):
+        used = need(b)
+        if used <= budget_bytes or b == 1:
+            break
+        b = max(1, min(b - 1, int(b * budget_bytes / used)))
+    if need(b) > budget_bytes:
+        raise ValueError(f"a memory budget of {budget_bytes / 2**20:.1f} MiB cannot hold one sample")
     return b
 
 

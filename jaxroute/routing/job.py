@@ -188,6 +188,10 @@ def _check_or_write_manifest(out: Path, manifest: dict, write: bool) -> None:
     path = out / MANIFEST
     if path.exists():
         old = json.loads(path.read_text())
+        if old.get("shard_size") != manifest["shard_size"]:
+            raise ValueError(f"{out} was written with {old.get('shard_size')} images per shard, this run "
+                             f"would use {manifest['shard_size']} (another device count?); use the same "
+                             "devices, or another --out")
         if old.get("job") != manifest["job"] or old.get("layout") != manifest["layout"]:
             diff = {k: (old.get("job", {}).get(k), v) for k, v in manifest["job"].items()
                     if old.get("job", {}).get(k) != v}
@@ -225,13 +229,17 @@ def run_route_job(loaded, dataset: Dataset, out: str | os.PathLike, job: RouteJo
     pc = jax.process_count() if process_count is None else process_count
     spec: GateSpec = loaded.spec
     n = len(dataset.labels)
-    n_shards = -(-n // job.shard_size)
+    n_dev = len(jax.local_devices())
+    # Shards hold whole global batches: round the shard size up to a multiple.
+    shard_size = -(-job.shard_size // (job.batch_size * n_dev)) * job.batch_size * n_dev
+    n_shards = -(-n // shard_size)
     manifest = {
         "job": job.to_json(),
         "layout": spec.layout(),
         "cdrp_size": spec.size,
         "num_samples": n,
         "num_shards": n_shards,
+        "shard_size": shard_size,
         "class_names": list(dataset.class_names),
         "model_meta": {"arch": loaded.meta.arch, "mean": list(loaded.meta.mean),
                        "std": list(loaded.meta.std), "num_classes": loaded.meta.num_classes},
@@ -241,23 +249,20 @@ def run_route_job(loaded, dataset: Dataset, out: str | os.PathLike, job: RouteJo
 
     devices = jax.local_devices()
     global_batch = job.batch_size * len(devices)
-    if job.shard_size % global_batch:
-        raise ValueError(f"shard_size {job.shard_size} must be a multiple of batch_size x local devices "
-                         f"= {job.batch_size} x {len(devices)}")
     mesh = Mesh(np.array(devices), ("batch",))
     sharding = NamedSharding(mesh, P("batch"))
     route = make_router(loaded, job.method, job.dgr, job.prune_frac)
 
     mine = [i for i in range(n_shards) if i % pc == pi]
     todo = [i for i in mine if not shard_path(out, i).exists()]
-    n_todo = sum(min(job.shard_size, n - i * job.shard_size) for i in todo)
+    n_todo = sum(min(shard_size, n - i * shard_size) for i in todo)
     if log is not None:
         log(f"routing {n_todo} of {n} images ({len(mine) - len(todo)} of my {len(mine)} shards already done) "
             f"on {len(devices)} local device(s), process {pi} of {pc}")
     bar = tqdm(total=n_todo, unit="img", disable=not progress, desc=f"route {job.method}")
     t_start, t_first, n_done, n_first = time.perf_counter(), None, 0, 0
     for i in todo:
-        lo, hi = i * job.shard_size, min((i + 1) * job.shard_size, n)
+        lo, hi = i * shard_size, min((i + 1) * shard_size, n)
         part = Dataset(dataset.images[lo:hi], dataset.labels[lo:hi], dataset.class_names, dataset.name)
         results: dict[str, list] = {}
         pending = None  # dispatch batch k+1 before fetching batch k: keeps the devices busy

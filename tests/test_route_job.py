@@ -142,3 +142,31 @@ def test_memory_budget_picks_a_batch_that_fits(digits_ckpt, capsys):
     assert ma.temp_size_in_bytes + ma.argument_size_in_bytes + ma.output_size_in_bytes <= 16 * 2**20
     with pytest.raises(ValueError, match="cannot hold one sample"):
         batch_size_for_memory(router, (8, 8, 1), 1000)
+
+
+def test_attack_route_detect_pipeline(digits_ckpt, tmp_path, capsys):
+    """jaxroute attack -> route (adversarial arrays as a data set) -> detect, as a user chains them."""
+    outs = {}
+    for split, limit in (("train", "100"), ("test", "60")):
+        adv = tmp_path / f"adv-{split}"
+        assert main(["attack", "--model", "digits_cnn", "--weights", str(digits_ckpt), "--data", "digits",
+                     "--split", split, "--limit", limit, "--method", "ifgsm", "--eps", "0.01", "--steps", "10",
+                     "--target", "random", "--out", str(adv), "--json"]) == 0
+        res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert res["n"] == int(limit) and res["mean_linf"] <= 0.1 + 1e-6 and res["adv_top1"] < res["clean_top1"]
+        for kind, data in (("real", "digits"), ("adv", str(adv))):
+            out = tmp_path / f"{kind}-{split}"
+            args = route_args(digits_ckpt, out)
+            args[args.index("--data") + 1] = data
+            args[args.index("--split") + 1] = split
+            assert main(args + ["--limit", limit]) == 0
+            outs[f"{kind}_{split}"] = out
+    capsys.readouterr()
+    assert main(["detect", "--train-real", str(outs["real_train"]), "--train-adv", str(outs["adv_train"]),
+                 "--test-real", str(outs["real_test"]), "--test-adv", str(outs["adv_test"]), "--sizes", "5,10",
+                 "--runs", "2", "--classifiers", "random_forest", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0.5 < res["random_forest"]["auc_mean"] <= 1.0
+    # Twins must line up: a test set of another size is refused.
+    assert main(["detect", "--train-real", str(outs["real_train"]), "--train-adv", str(outs["adv_test"]),
+                 "--test-real", str(outs["real_test"]), "--test-adv", str(outs["adv_test"])]) == 2

@@ -241,6 +241,90 @@ def cmd_quickstart(args) -> dict:
     return res, human
 
 
+# --------------------------------------------------------------------------- attack
+ATTACK_METHODS = {  # CLI name -> (library attack, config fields from the CLI)
+    "fgsm": ("fgsm", lambda a: {"eps": a.eps}),
+    "ifgsm": ("bim", lambda a: {"eps": a.eps, "steps": a.steps}),
+    "pgd_linf": ("pgd", lambda a: {"eps": a.eps, "steps": a.steps, "norm": "linf"}),
+    "pgd_l2": ("pgd", lambda a: {"eps": a.eps, "steps": a.steps, "norm": "l2"}),
+    "deepfool": ("deepfool", lambda a: {"max_iter": a.steps}),
+    "cw_l2": ("cw", lambda a: {"steps": a.steps}),
+    "ensemble": ("ensemble", lambda a: {"steps": a.steps}),
+}
+
+
+def cmd_attack(args) -> dict:
+    """Attack a data set and save the adversarial images as a routable SPLIT.npz."""
+    from pathlib import Path
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxroute.attacks import make_attack
+    from jaxroute.data import batches
+    from jaxroute.utils.io import atomic_save_npz
+
+    if args.eps is not None and not 0 < args.eps <= 1:
+        raise ValueError(f"--eps is in [0, 1] pixel units, got {args.eps}")
+    name, fields = ATTACK_METHODS[args.method]
+    kw = {k: v for k, v in fields(args).items() if v is not None}
+    loaded = _load(args, need_weights=True)
+    ds = _data(args)
+    _check_data_fits(loaded, ds)
+    lf = loaded.logits_fn()
+
+    def f(x):
+        return lf(None, x)
+
+    attack = make_attack(name, (f,) if name == "ensemble" else f, **kw)
+    clean = jax.jit(f)
+    key = jax.random.key(args.seed)
+    cols: dict[str, list] = {}
+    for bt in batches(ds, args.batch_size):
+        key, k_attack, k_target = jax.random.split(key, 3)
+        x = jnp.asarray(bt.images)
+        logits = clean(x)
+        target = None
+        if name != "ensemble" and args.target != "none":
+            if name == "deepfool":
+                raise ValueError("deepfool is untargeted: use --target none")
+            k = logits.shape[-1]
+            if args.target == "least_likely":
+                target = jnp.argmin(logits, -1)
+            else:  # a random class other than the true one
+                target = (bt.labels + jax.random.randint(k_target, bt.labels.shape, 1, k)) % k
+        call = {"label": jnp.asarray(bt.labels)} if name not in ("ensemble",) else {}
+        if name == "pgd":
+            call["key"] = k_attack
+        if target is not None:
+            call["target"] = target
+        r = attack(x, **call)
+        n = bt.n_valid
+        adv = np.asarray(r.adv).reshape(-1, *x.shape[1:])
+        reps = adv.shape[0] // x.shape[0]  # the ensemble attack returns k adversarials per image
+        parts = {"images": adv, "adv_pred": np.asarray(r.adv_pred).reshape(-1),
+                 "success": np.asarray(r.success).reshape(-1), "linf": np.asarray(r.linf).reshape(-1),
+                 "l2": np.asarray(r.l2).reshape(-1), "labels": np.repeat(bt.labels, reps),
+                 "clean_pred": np.repeat(np.asarray(jnp.argmax(logits, -1)), reps),
+                 "target": (np.asarray(r.target).reshape(-1) if r.target is not None
+                            else np.full(adv.shape[0], -1))}
+        for k_, v in parts.items():
+            cols.setdefault(k_, []).append(v[: n * reps])
+    arrays = {k: np.concatenate(v) for k, v in cols.items()}
+    out = Path(args.out)
+    atomic_save_npz(out / f"{args.split}.npz", class_names=np.array(ds.class_names), **arrays)
+    res = {"n": int(len(arrays["labels"])), "method": args.method,
+           "success_rate": float(arrays["success"].mean()), "mean_linf": float(arrays["linf"].mean()),
+           "mean_l2": float(arrays["l2"].mean()),
+           "clean_top1": float(np.mean(arrays["clean_pred"] == arrays["labels"])),
+           "adv_top1": float(np.mean(arrays["adv_pred"] == arrays["labels"])), "out": str(out)}
+    human = (f"{args.method} on {res['n']} images: success {res['success_rate']:.4f}, mean Linf "
+             f"{res['mean_linf']:.4f}, mean L2 {res['mean_l2']:.4f}, top-1 {res['clean_top1']:.4f} -> "
+             f"{res['adv_top1']:.4f}; saved {out / (args.split + '.npz')}")
+    return res, human
+
+
 # --------------------------------------------------------------------------- detect
 def cmd_detect(args) -> dict:
     """Train and evaluate real-vs-adversarial detectors from saved extraction outputs."""
@@ -332,6 +416,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_route)
+
+    s = sub.add_parser("attack", help="adversarial images of a data set, saved as a routable SPLIT.npz")
+    _add_model_args(s)
+    _add_data_args(s)
+    s.add_argument("--method", choices=sorted(ATTACK_METHODS), required=True)
+    s.add_argument("--eps", type=float, default=None,
+                   help="in [0, 1] pixel units (attack default if omitted); for ifgsm the per-step size, "
+                        "as in the DGR paper (Eq. 5/6: step eps, T steps, clipped to [0, 1])")
+    s.add_argument("--steps", type=int, default=None, help="iterations (attack default if omitted)")
+    s.add_argument("--target", choices=("none", "random", "least_likely"), default="none")
+    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_attack)
 
     s = sub.add_parser("detect", help="adversarial detection AUC from saved extraction outputs (route --out dirs)")
     for k in ("train-real", "train-adv", "test-real", "test-adv"):

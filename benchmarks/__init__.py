@@ -1,0 +1,1 @@
+"""Benchmarks for jaxroute (run as ``python -m benchmarks.<name>``)."""

@@ -31,6 +31,10 @@ import numpy as np
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 
+#: Re-evaluate logits functions with loop-friendly convolution gradients on the
+#: CPU backend (see :mod:`jaxroute.attacks._conv_grad`); numerically identical.
+CONV_GRAD_WORKAROUND = True
+
 
 class AttackResult(NamedTuple):
     """Output of every attack; all fields have the attacked rows as leading axis (N).
@@ -120,15 +124,30 @@ def num_classes_of(logits_fn: LogitsFn, x: jax.Array) -> int:
     return int(out.shape[1])
 
 
-def prepare(logits_fn: LogitsFn, x, label=None, target=None):
-    """Common boundary checks: returns (x, label, target, num_classes)."""
+def loop_friendly(logits_fn: LogitsFn) -> LogitsFn:
+    """``logits_fn`` with the XLA:CPU in-loop convolution-gradient workaround, where it applies."""
+    if CONV_GRAD_WORKAROUND and jax.default_backend() == "cpu":
+        from jaxroute.attacks._conv_grad import canonical_conv_grads
+        return canonical_conv_grads(logits_fn)
+    return logits_fn
+
+
+def check_logits_fn(logits_fn) -> None:
     if not callable(logits_fn):
         raise TypeError(f"logits_fn must be callable x -> logits, got {type(logits_fn).__name__}")
+
+
+def prepare(logits_fn: LogitsFn, x, label=None, target=None):
+    """Common boundary checks: returns (logits_fn, x, label, target, num_classes).
+
+    The returned ``logits_fn`` is :func:`loop_friendly`.
+    """
+    check_logits_fn(logits_fn)
     x = check_images(x)
     k = num_classes_of(logits_fn, x)
     label = check_labels(label, x.shape[0], "label", k)
     target = check_labels(target, x.shape[0], "target", k)
-    return x, label, target, k
+    return loop_friendly(logits_fn), x, label, target, k
 
 
 def make_config(cls, config, kwargs):

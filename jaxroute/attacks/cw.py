@@ -73,7 +73,7 @@ def cw_l2(logits_fn: LogitsFn, x: jax.Array, config: CWConfig | None = None, *,
     (summed over rounds).
     """
     cfg = make_config(CWConfig, config, kwargs)
-    x, label, target, num_classes = prepare(logits_fn, x, label, target)
+    logits_fn, x, label, target, num_classes = prepare(logits_fn, x, label, target)
     if label is None:
         label = predict(logits_fn, x)
     targeted = target is not None

@@ -68,7 +68,7 @@ def deepfool(logits_fn: LogitsFn, x: jax.Array, config: DeepFoolConfig | None = 
     ``AttackResult.iterations`` holds each sample's number of updates.
     """
     cfg = make_config(DeepFoolConfig, config, kwargs)
-    x, label, _, num_classes = prepare(logits_fn, x, label, None)
+    logits_fn, x, label, _, num_classes = prepare(logits_fn, x, label, None)
     kc = num_classes if cfg.num_candidates is None else cfg.num_candidates
     if kc > num_classes:
         raise ValueError(f"num_candidates={kc} exceeds the model's {num_classes} classes")

@@ -40,7 +40,7 @@ import optax
 
 from jaxroute.attacks.core import (
     AttackResult, LogitsFn, bcast, check_int, check_labels, check_positive, cross_entropy,
-    l2_norm, linf_norm, make_config, num_classes_of, per_sample, check_images,
+    check_images, l2_norm, linf_norm, loop_friendly, make_config, num_classes_of, per_sample,
 )
 
 
@@ -92,6 +92,7 @@ def ensemble_attack(logits_fns: Sequence[LogitsFn] | LogitsFn, x: jax.Array,
         raise ValueError(f"k={cfg.k} targets per image needs k < {num_classes} classes")
     b, k = x.shape[0], cfg.k
     n = len(fns)
+    fns = tuple(loop_friendly(f) for f in fns)
 
     def avg_prob(xa):
         logits = [f(xa).astype(jnp.float32) for f in fns]

@@ -59,7 +59,7 @@ def fgsm(logits_fn: LogitsFn, x: jax.Array, config: FGSMConfig | None = None, *,
     Identical to ``torchattacks.FGSM(model, eps)`` (targeted: ``set_mode_targeted_by_label``).
     """
     cfg = make_config(FGSMConfig, config, kwargs)
-    x, label, target, _ = prepare(logits_fn, x, label, target)
+    logits_fn, x, label, target, _ = prepare(logits_fn, x, label, target)
     if target is None and label is None:
         # one forward serves both the prediction and the gradient
         logits, vjp = jax.vjp(logits_fn, x)
@@ -116,7 +116,7 @@ def bim(logits_fn: LogitsFn, x: jax.Array, config: BIMConfig | None = None, *,
     Every sample runs all ``steps`` (no early stop), in one ``lax.fori_loop``.
     """
     cfg = make_config(BIMConfig, config, kwargs)
-    x, label, target, _ = prepare(logits_fn, x, label, target)
+    logits_fn, x, label, target, _ = prepare(logits_fn, x, label, target)
     y, sign, label = _labels(logits_fn, x, label, target)
     project = cfg.alpha is not None
     step = cfg.alpha if project else cfg.eps
@@ -172,7 +172,7 @@ def pgd(logits_fn: LogitsFn, x: jax.Array, key: jax.Array | None = None,
         target: jax.Array | None = None, **kwargs) -> AttackResult:
     """PGD in L∞ or L2 (see :class:`PGDConfig`); ``key`` drives the random start."""
     cfg = make_config(PGDConfig, config, kwargs)
-    x, label, target, _ = prepare(logits_fn, x, label, target)
+    logits_fn, x, label, target, _ = prepare(logits_fn, x, label, target)
     if cfg.random_start and key is None:
         raise ValueError("PGD with random_start=True needs an explicit PRNG key (key=jax.random.key(...))")
     y, sign, label = _labels(logits_fn, x, label, target)

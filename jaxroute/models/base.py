@@ -136,6 +136,27 @@ def flatten_chw(x: jax.Array) -> jax.Array:
     return jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
 
 
+def flax_path(dotted: str) -> tuple[str, ...]:
+    """Flax module path of a PyTorch-style dotted name: numeric parts join their
+    parent (``layer1.0.conv1`` -> ``("layer1_0", "conv1")``, ``features.0`` ->
+    ``("features_0",)``).  Gate points and converted tensors share this rule."""
+    parts: list[str] = []
+    for p in dotted.split("."):
+        if p.isdigit() and parts:
+            parts[-1] = f"{parts[-1]}_{p}"
+        else:
+            parts.append(p)
+    return tuple(parts)
+
+
+def finish(gp: GatePoints, logits: jax.Array, feats: jax.Array, capture: bool):
+    """The common end of every model's forward pass: check the gate tree, return."""
+    acts = gp.finish()
+    if capture:
+        return logits, {"gates": acts, "features": feats}
+    return logits
+
+
 def check_placement(p: str) -> None:
     if p not in GATE_PLACEMENTS:
         raise ValueError(f"gate_placement must be one of {GATE_PLACEMENTS}, got {p!r}")

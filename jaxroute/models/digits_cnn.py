@@ -5,7 +5,7 @@ from typing import Sequence
 
 import flax.linen as nn
 
-from jaxroute.models.base import GatePoints, batch_norm, check_input, check_placement, conv, normalize
+from jaxroute.models.base import GatePoints, finish, batch_norm, check_input, check_placement, conv, normalize
 
 
 class DigitsCNN(nn.Module):
@@ -38,7 +38,4 @@ class DigitsCNN(nn.Module):
                 h = nn.max_pool(h, (2, 2), (2, 2))
         feats = h.mean(axis=(1, 2))
         logits = nn.Dense(self.num_classes, name="linear")(feats)
-        acts = gp.finish()
-        if capture:
-            return logits, {"gates": acts, "features": feats}
-        return logits
+        return finish(gp, logits, feats, capture)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from jaxroute.models.base import (
-    GatePoints, batch_norm, check_input, check_placement, conv, normalize,
+    GatePoints, finish, batch_norm, check_input, check_placement, conv, normalize,
 )
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -89,7 +89,4 @@ class CifarResNet(nn.Module):
                 )
         feats = h.mean(axis=(1, 2))
         logits = nn.Dense(self.num_classes, name="linear")(feats)
-        acts = gp.finish()
-        if capture:
-            return logits, {"gates": acts, "features": feats}
-        return logits
+        return finish(gp, logits, feats, capture)

@@ -15,7 +15,7 @@ from typing import Sequence
 import flax.linen as nn
 
 from jaxroute.models.base import (
-    GatePoints, batch_norm, check_input, check_placement, conv, normalize,
+    GatePoints, finish, batch_norm, check_input, check_placement, conv, normalize,
 )
 from jaxroute.models.resnet_cifar import IMAGENET_MEAN, IMAGENET_STD
 
@@ -87,7 +87,4 @@ class ImageNetResNet(nn.Module):
                 )
         feats = h.mean(axis=(1, 2))
         logits = nn.Dense(self.num_classes, name="fc")(feats)
-        acts = gp.finish()
-        if capture:
-            return logits, {"gates": acts, "features": feats}
-        return logits
+        return finish(gp, logits, feats, capture)

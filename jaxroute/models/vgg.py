@@ -15,7 +15,7 @@ from typing import Sequence
 import flax.linen as nn
 
 from jaxroute.models.base import (
-    GatePoints, adaptive_avg_pool, batch_norm, check_input, check_placement, conv,
+    GatePoints, finish, adaptive_avg_pool, batch_norm, check_input, check_placement, conv,
     flatten_chw, normalize,
 )
 from jaxroute.models.resnet_cifar import IMAGENET_MEAN, IMAGENET_STD
@@ -71,10 +71,7 @@ class VGG16(nn.Module):
             h = _gated(gp, f"classifier.{k}", h, post)
         feats = h
         logits = nn.Dense(self.num_classes, name="classifier_6")(feats)
-        acts = gp.finish()
-        if capture:
-            return logits, {"gates": acts, "features": feats}
-        return logits
+        return finish(gp, logits, feats, capture)
 
 
 class AlexNet(nn.Module):
@@ -106,7 +103,4 @@ class AlexNet(nn.Module):
             h = _gated(gp, f"classifier.{k}", h, post)
         feats = h
         logits = nn.Dense(self.num_classes, name="classifier_6")(feats)
-        acts = gp.finish()
-        if capture:
-            return logits, {"gates": acts, "features": feats}
-        return logits
+        return finish(gp, logits, feats, capture)

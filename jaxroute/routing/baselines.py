@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxroute.models.base import flax_path
 from jaxroute.models.gates import GateSpec, flatten_gates, unflatten_gates
 
 CaptureFn = Callable[[dict, jax.Array], tuple[jax.Array, dict]]
@@ -37,14 +38,6 @@ class PruneResult(NamedTuple):
     full_logits: jax.Array
 
 
-def _flax_path(gate_name: str) -> tuple[str, ...]:
-    parts: list[str] = []
-    for p in gate_name.split("."):
-        if p.isdigit() and parts:
-            parts[-1] = f"{parts[-1]}_{p}"
-        else:
-            parts.append(p)
-    return tuple(parts)
 
 
 def weight_l1_scores(params: dict, spec: GateSpec) -> jax.Array:
@@ -57,7 +50,7 @@ def weight_l1_scores(params: dict, spec: GateSpec) -> jax.Array:
     out = []
     for name, c in spec:
         node = params
-        for p in _flax_path(name):
+        for p in flax_path(name):
             if p not in node:
                 raise ValueError(f"AWR: no parameters for gate point {name!r} (looked for {p!r})")
             node = node[p]

@@ -30,6 +30,8 @@ import jax
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from jaxroute.models.base import flax_path
+
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint's tensors do not match the model: lists every difference."""
@@ -75,14 +77,6 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return out
 
 
-def _flax_path(torch_module_path: str) -> tuple[str, ...]:
-    parts: list[str] = []
-    for p in torch_module_path.split("."):
-        if p.isdigit() and parts:
-            parts[-1] = f"{parts[-1]}_{p}"
-        else:
-            parts.append(p)
-    return tuple(parts)
 
 
 def torch_to_flax(state_dict: Mapping[str, np.ndarray], target: Mapping) -> dict:
@@ -102,7 +96,7 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], target: Mapping) -> dict
         if name.endswith("num_batches_tracked"):
             continue
         module, _, leaf = name.rpartition(".")
-        path = _flax_path(module)
+        path = flax_path(module)
         candidates = {
             "weight": [("params", "kernel"), ("params", "scale")],
             "bias": [("params", "bias")],

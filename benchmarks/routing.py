@@ -35,6 +35,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -603,6 +604,15 @@ def main(argv=None) -> int:
               "busy, timings are unreliable (PyTorch's OpenMP threads suffer most)", flush=True)
 
     tmp = Path(tempfile.mkdtemp(prefix="jaxroute-bench-"))
+    try:
+        return _main(args, info, tmp, models, batch_sizes, other_bs, repeats, n_images, official_images, devices,
+                     scaling_batch, step_batch, threads, T, q)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _main(args, info, tmp, models, batch_sizes, other_bs, repeats, n_images, official_images, devices,
+          scaling_batch, step_batch, threads, T, q) -> int:
     pool, labels, pool_src = load_image_pool(n_images)
     np.save(tmp / "pool.npy", pool)
     print(f"- inputs: {len(pool)} {pool_src} (the same pool for every configuration)")

@@ -274,10 +274,6 @@ def worker_jax(cfg) -> dict:
     if b % nd:
         return {"skipped": f"batch {b} does not split over {nd} devices"}
     loaded = _jax_loaded(cfg)
-    if cfg.get("unroll"):
-        # Diagnostic: the same dgr_route with its lax.scan fully unrolled (this worker process only).
-        scan = jax.lax.scan
-        jax.lax.scan = lambda *a, **k: scan(*a, **{**k, "unroll": True})
     route = make_router(loaded, "dgr", DGRConfig(steps=cfg["steps"]))
     sharding = NamedSharding(Mesh(np.array(devices), ("batch",)), P("batch"))
     batches = [jax.device_put(jnp.asarray(x), sharding) for x in _batches(_pool(cfg), b, cfg["repeats"] + 1)]
@@ -442,7 +438,7 @@ def worker_crosscheck(cfg) -> dict:
     from jaxroute.routing.dgr import DGRConfig, dgr_route
 
     td.set_threads(cfg["threads"])
-    x = _pool(cfg)[: cfg["images"]]
+    x = _batches(_pool(cfg), cfg["images"], 1)[0]
     loaded = _jax_loaded(cfg)
     r = jax.jit(partial(dgr_route, loaded.logits_fn(), loaded.spec, config=DGRConfig(steps=cfg["steps"])))(
         jnp.asarray(x))
@@ -547,7 +543,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-sizes", default=None, help="jaxroute / batched-torch batch sizes of the "
                     "primary model (default 32,64,128,256)")
     ap.add_argument("--other-batch-sizes", default=None,
-                    help="batch sizes of the other models (default: as --batch-sizes)")
+                    help="batch sizes of the other models (default 32,128)")
     ap.add_argument("--n-images", type=int, default=None, help="size of the image pool (default: largest batch)")
     ap.add_argument("--repeats", type=int, default=None, help="timed calls per configuration (default 3)")
     ap.add_argument("--official-images", type=int, default=None,
@@ -559,8 +555,6 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default os.cpu_count())")
     ap.add_argument("--torch-compile", action="store_true",
                     help="also time the batched PyTorch peer with torch.compile (inductor)")
-    ap.add_argument("--try-unroll", action="store_true",
-                    help="also time jaxroute with dgr_route's lax.scan fully unrolled (diagnostic rows)")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch peers")
     ap.add_argument("--quick", action="store_true", help="tiny settings for a smoke test (about 2 minutes)")
     ap.add_argument("--timeout", type=float, default=None, help="seconds per configuration subprocess")
@@ -577,7 +571,7 @@ def main(argv=None) -> int:
         models = [args.model] + [m for m in models if m != args.model]
     models = list(dict.fromkeys(m.strip() for m in models if m.strip()))
     batch_sizes = parse_ints(args.batch_sizes or q.get("batch_sizes", "32,64,128,256"))
-    other_bs = parse_ints(args.other_batch_sizes or q.get("other_batch_sizes", ",".join(map(str, batch_sizes))))
+    other_bs = parse_ints(args.other_batch_sizes or q.get("other_batch_sizes", "32,128"))
     repeats = args.repeats or q.get("repeats", 3)
     n_images = args.n_images or q.get("n_images", max(batch_sizes + other_bs))
     official_images = args.official_images or q.get("official_images", 10)
@@ -633,7 +627,7 @@ def _main(args, info, tmp, models, batch_sizes, other_bs, repeats, n_images, off
             cfg.setdefault("checkpoint", model_info[cfg["model"]]["checkpoint"])
         print(f"[{time.perf_counter() - t_run:6.0f}s] {label} ...", end=" ", flush=True)
         res = spawn(cfg, xla_devices, args.timeout)
-        res.update({k: v for k, v in cfg.items() if k not in ("pool", "weights", "checkpoint")})
+        res = {**{k: v for k, v in cfg.items() if k not in ("pool", "weights", "checkpoint")}, **res}
         res["label"] = label
         print(res.get("error") or res.get("skipped") or
               (f"{res['images_per_s']:.2f} img/s" if "images_per_s" in res else "done"), flush=True)
@@ -665,9 +659,6 @@ def _main(args, info, tmp, models, batch_sizes, other_bs, repeats, n_images, off
         for b in bss:
             run(f"{m} jaxroute B={b}", {"kind": "jax", "model": m, "batch": b, "devices": 1, "repeats": repeats},
                 xla_devices=1)
-            if args.try_unroll and m == primary:
-                run(f"{m} jaxroute scan-unrolled B={b}", {"kind": "jax", "model": m, "batch": b, "devices": 1,
-                                                          "repeats": repeats, "unroll": True}, xla_devices=1)
     for nd in devices:
         if nd == 1 and scaling_batch in batch_sizes:
             continue  # the same configuration as the sweep's row
@@ -694,7 +685,7 @@ def _main(args, info, tmp, models, batch_sizes, other_bs, repeats, n_images, off
             continue
         m = r["model"]
         official = r["kind"] == "torch_official"
-        impl = {"jax": "jaxroute" + (" (scan unrolled, diagnostic)" if r.get("unroll") else ""),
+        impl = {"jax": "jaxroute",
                 "torch_official": "official loop (torch)",
                 "torch_batched": "torch batched" + (" +compile" if r.get("torch_compile") else "")}[r["kind"]]
         b = 1 if official else r["batch"]

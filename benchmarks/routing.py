@@ -51,7 +51,8 @@ CHECKPOINTS = {"resnet20": SHARED / "models" / "cifar10-resnet" / "resnet20-12fc
                "resnet32": SHARED / "models" / "cifar10-resnet" / "resnet32-d509ac18.th"}
 RESULT_TAG = "@@RESULT "
 QUICK = dict(batch_sizes="4,16", other_batch_sizes="4", n_images=16, repeats=1, official_images=2,
-             devices="1,2", scaling_batch=16, step_batch=16, matmul_repeats=3)
+             devices="1,2", scaling_batch=16, step_batch=16, matmul_repeats=3, ablation_batch=8,
+             job_images="32,64", job_batch=8)
 
 
 # --------------------------------------------------------------------------
@@ -260,10 +261,10 @@ def worker_jax(cfg) -> dict:
     """jaxroute DGR on a global batch split over ``devices`` devices."""
     import jax
     import jax.numpy as jnp
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
     from jaxroute.routing.dgr import DGRConfig
     from jaxroute.routing.job import make_router
+    from jaxroute.utils.devices import batch_sharding, shard_batch
 
     devices = jax.devices()
     nd = cfg["devices"]
@@ -275,8 +276,8 @@ def worker_jax(cfg) -> dict:
         return {"skipped": f"batch {b} does not split over {nd} devices"}
     loaded = _jax_loaded(cfg)
     route = make_router(loaded, "dgr", DGRConfig(steps=cfg["steps"]))
-    sharding = NamedSharding(Mesh(np.array(devices), ("batch",)), P("batch"))
-    batches = [jax.device_put(jnp.asarray(x), sharding) for x in _batches(_pool(cfg), b, cfg["repeats"] + 1)]
+    sharding = batch_sharding(devices)
+    batches = [shard_batch(jnp.asarray(x), sharding) for x in _batches(_pool(cfg), b, cfg["repeats"] + 1)]
     jax.block_until_ready(batches)
     rss_base = rss_now_mib()
 
@@ -299,6 +300,33 @@ def worker_jax(cfg) -> dict:
     return {"compile_s": compile_s, "first_call_s": first_s, "times": times, "median_s": median(times),
             "images_per_s": b / median(times), "rss_base_mib": rss_base, "rss_peak_mib": rss_peak_mib(),
             "device_peak_bytes": _device_memory(jax), "fwd_cost_flops_per_image": fwd_cost, "jax_devices": [str(d) for d in devices]}
+
+
+def worker_job(cfg) -> dict:
+    """The resumable route job (as ``jaxroute route`` runs it) on ``images`` pool images: peak RSS.
+
+    Shards are streamed to disk as they finish, so peak memory should depend on
+    the batch, not on how many images are routed.
+    """
+    import jax
+
+    from jaxroute.data import Dataset
+    from jaxroute.routing.dgr import DGRConfig
+    from jaxroute.routing.job import RouteJob, run_route_job
+
+    pool = _pool(cfg)
+    n = cfg["images"]
+    x = pool[np.arange(n) % len(pool)]
+    ds = Dataset(x, (np.arange(n) % 10).astype(np.int32), tuple(str(i) for i in range(10)), "pool")
+    loaded = _jax_loaded(cfg)
+    job = RouteJob(model=cfg["model"], weights="benchmark", data="pool", split="test", limit=n,
+                   dgr=DGRConfig(steps=cfg["steps"]), batch_size=cfg["batch"], shard_size=cfg["shard"])
+    rss_base = rss_now_mib()
+    t = time.perf_counter()
+    summary = run_route_job(loaded, ds, cfg["out"], job, progress=False)
+    return {"images": n, "seconds": time.perf_counter() - t, "images_per_s": summary.get("images_per_s"),
+            "input_mib": x.nbytes / 2**20,
+            "rss_base_mib": rss_base, "rss_peak_mib": rss_peak_mib(), "devices": jax.local_device_count()}
 
 
 def worker_torch_official(cfg) -> dict:
@@ -382,21 +410,24 @@ def worker_steps(cfg) -> dict:
         import jax.numpy as jnp
 
         from jaxroute.models.gates import unflatten_gates
+        from jaxroute.utils.conv_grads import canonical_conv_grads
 
         loaded = _jax_loaded(cfg)
         spec, f = loaded.spec, loaded.logits_fn()
+        f_loop = canonical_conv_grads(f)
         xj = jnp.asarray(x)
         p = jax.nn.softmax(f(None, xj))
         g = jnp.full((b, spec.size), 0.9, jnp.float32)
 
-        def fwd(g):
-            return f(unflatten_gates(spec, g), xj)
+        def fwd(g, fn=f):
+            return fn(unflatten_gates(spec, g), xj)
 
-        def ce(g):
-            return -(p * jax.nn.log_softmax(fwd(g))).sum()
+        def ce(g, fn=f):
+            return -(p * jax.nn.log_softmax(fwd(g, fn))).sum()
 
-        def scan_steps(g, n):  # the same step inside a rolled lax.scan, as dgr_route runs it
-            return jax.lax.scan(lambda g, _: (g - 0.01 * jax.grad(ce)(g), None), g, None, length=n)[0]
+        def scan_steps(g, n, fn):  # the same step inside a rolled lax.scan, as dgr_route runs it
+            grad = jax.grad(partial(ce, fn=fn))
+            return jax.lax.scan(lambda g, _: (g - 0.01 * grad(g), None), g, None, length=n)[0]
 
         jf, jg = jax.jit(fwd), jax.jit(jax.grad(ce))
         cf = jf.lower(g).compile().cost_analysis() or {}
@@ -404,10 +435,12 @@ def worker_steps(cfg) -> dict:
         cf = cf[0] if isinstance(cf, list) else cf
         cg = cg[0] if isinstance(cg, list) else cg
         n_scan = 4
-        js = jax.jit(partial(scan_steps, n=n_scan))
+        js = jax.jit(partial(scan_steps, n=n_scan, fn=f))
+        jl = jax.jit(partial(scan_steps, n=n_scan, fn=f_loop))
         return {"fwd_s": timeit(lambda: jf(g).block_until_ready()),
                 "fwd_bwd_s": timeit(lambda: jg(g).block_until_ready()),
                 "fwd_bwd_in_scan_s": timeit(lambda: js(g).block_until_ready()) / n_scan,
+                "fwd_bwd_in_scan_loop_friendly_s": timeit(lambda: jl(g).block_until_ready()) / n_scan,
                 "cost_fwd_flops": cf.get("flops"), "cost_fwd_bwd_flops": cg.get("flops")}
     import torch
 
@@ -452,7 +485,7 @@ def worker_crosscheck(cfg) -> dict:
             "same_preds": bool((np.asarray(r.pred) == t["pred"].numpy()).all())}
 
 
-WORKERS = {"matmul": worker_matmul, "jax": worker_jax, "torch_official": worker_torch_official,
+WORKERS = {"matmul": worker_matmul, "jax": worker_jax, "job": worker_job, "torch_official": worker_torch_official,
            "torch_batched": worker_torch_batched, "steps": worker_steps, "crosscheck": worker_crosscheck}
 
 
@@ -471,8 +504,10 @@ def run_worker(cfg: dict) -> None:
 # the parent: plan, spawn, collect, report
 # --------------------------------------------------------------------------
 
-def spawn(cfg: dict, xla_devices: int | None = None, timeout: float | None = None) -> dict:
+def spawn(cfg: dict, xla_devices: int | None = None, timeout: float | None = None,
+          env_extra: dict | None = None) -> dict:
     env = dict(os.environ)
+    env.update(env_extra or {})
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     if xla_devices is not None:
         flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
@@ -552,6 +587,8 @@ def main(argv=None) -> int:
     ap.add_argument("--scaling-batch", type=int, default=None, help="global batch of the scaling rows (default 128)")
     ap.add_argument("--step-batch", type=int, default=None, help="batch of the per-step diagnostics (default 128)")
     ap.add_argument("--steps", type=int, default=30, help="DGR iterations T (default 30, the paper's)")
+    ap.add_argument("--job-images", default=None,
+                    help="image counts for the streaming-memory rows of the route job (default 512,2048)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default os.cpu_count())")
     ap.add_argument("--torch-compile", action="store_true",
                     help="also time the batched PyTorch peer with torch.compile (inductor)")
@@ -620,13 +657,18 @@ def _main(args, info, tmp, models, batch_sizes, other_bs, repeats, n_images, off
     results: list[dict] = []
     t_run = time.perf_counter()
 
-    def run(label, cfg, xla_devices=None):
+    ncores = os.cpu_count() or 1
+    ablation_batch = q.get("ablation_batch", 64)
+    job_batch = q.get("job_batch", 32)
+    job_images = parse_ints(args.job_images or q.get("job_images", "512,2048"))
+
+    def run(label, cfg, xla_devices=None, env_extra=None):
         cfg = {"pool": str(tmp / "pool.npy"), "steps": T, "threads": threads, **cfg}
         if "model" in cfg:
             cfg.setdefault("weights", str(tmp / f"{cfg['model']}.npz"))
             cfg.setdefault("checkpoint", model_info[cfg["model"]]["checkpoint"])
         print(f"[{time.perf_counter() - t_run:6.0f}s] {label} ...", end=" ", flush=True)
-        res = spawn(cfg, xla_devices, args.timeout)
+        res = spawn(cfg, xla_devices, args.timeout, env_extra)
         res = {**{k: v for k, v in cfg.items() if k not in ("pool", "weights", "checkpoint")}, **res}
         res["label"] = label
         print(res.get("error") or res.get("skipped") or
@@ -657,14 +699,28 @@ def _main(args, info, tmp, models, batch_sizes, other_bs, repeats, n_images, off
         run(f"{m} jaxroute B=1", {"kind": "jax", "model": m, "batch": 1, "devices": 1,
                                    "repeats": 3 * repeats, "fwd_cost": True}, xla_devices=1)
         for b in bss:
-            run(f"{m} jaxroute B={b}", {"kind": "jax", "model": m, "batch": b, "devices": 1, "repeats": repeats},
-                xla_devices=1)
+            # As the library is meant to run on a CPU: one device per core, the batch split over them.
+            run(f"{m} jaxroute B={b} ({ncores} devices)",
+                {"kind": "jax", "model": m, "batch": b, "devices": ncores, "repeats": repeats},
+                xla_devices=ncores)
+        if m == primary and ncores > 1:
+            b0 = ablation_batch
+            run(f"{m} jaxroute B={b0}, 1 device", {"kind": "jax", "model": m, "batch": b0, "devices": 1,
+                                                    "repeats": repeats, "variant": "1 device"}, xla_devices=1)
+            run(f"{m} jaxroute B={b0}, 1 device, JAX's own conv gradients",
+                {"kind": "jax", "model": m, "batch": b0, "devices": 1, "repeats": repeats,
+                 "variant": "1 device, JAX's own conv grads"}, xla_devices=1,
+                env_extra={"JAXROUTE_CONV_GRADS": "plain"})
     for nd in devices:
-        if nd == 1 and scaling_batch in batch_sizes:
-            continue  # the same configuration as the sweep's row
         run(f"{primary} jaxroute B={scaling_batch} on {nd} device(s)",
-            {"kind": "jax", "model": primary, "batch": scaling_batch, "devices": nd, "repeats": repeats},
-            xla_devices=nd)
+            {"kind": "jax", "model": primary, "batch": scaling_batch, "devices": nd, "repeats": repeats,
+             "variant": "scaling"}, xla_devices=nd)
+    job_rows = []
+    for n_job in job_images:  # streaming: peak memory of the real job vs the number of images routed
+        job_rows.append(run(f"{primary} route job, {n_job} images ({ncores} devices, {job_batch}/device)",
+                            {"kind": "job", "model": primary, "images": n_job, "batch": job_batch,
+                             "shard": job_batch * ncores * 4, "out": str(tmp / f"job-{n_job}")},
+                            xla_devices=ncores))
     steps_diag = {"jax": run(f"{primary} per-step jax B={step_batch}",
                              {"kind": "steps", "impl": "jax", "model": primary, "batch": step_batch,
                               "repeats": max(repeats, 5)}, xla_devices=1)}
@@ -685,7 +741,7 @@ def _main(args, info, tmp, models, batch_sizes, other_bs, repeats, n_images, off
             continue
         m = r["model"]
         official = r["kind"] == "torch_official"
-        impl = {"jax": "jaxroute",
+        impl = {"jax": "jaxroute" + (f" ({r['variant']})" if r.get("variant") else ""),
                 "torch_official": "official loop (torch)",
                 "torch_batched": "torch batched" + (" +compile" if r.get("torch_compile") else "")}[r["kind"]]
         b = 1 if official else r["batch"]
@@ -749,13 +805,27 @@ def _main(args, info, tmp, models, batch_sizes, other_bs, repeats, n_images, off
         if "fwd_s" in v:
             extra = ""
             if v.get("fwd_bwd_in_scan_s"):
-                extra = (f"; fwd+bwd inside a rolled lax.scan (as dgr_route runs it) "
+                extra = (f"; fwd+bwd inside a rolled lax.scan (as dgr_route runs it): JAX's own conv gradients "
                          f"{v['fwd_bwd_in_scan_s'] * 1e3:.1f} ms/step ({v['fwd_bwd_in_scan_s'] / v['fwd_bwd_s']:.2f}x "
-                         f"the standalone step)")
+                         f"the standalone step), loop-friendly conv gradients "
+                         f"{v['fwd_bwd_in_scan_loop_friendly_s'] * 1e3:.1f} ms/step "
+                         f"({v['fwd_bwd_in_scan_loop_friendly_s'] / v['fwd_bwd_s']:.2f}x)")
             print(f"- {k}: fwd {v['fwd_s'] * 1e3:.1f} ms, fwd+bwd {v['fwd_bwd_s'] * 1e3:.1f} ms "
                   f"(fwd+bwd / fwd = {v['fwd_bwd_s'] / v['fwd_s']:.2f}){extra}")
         else:
             print(f"- {k}: {v.get('error')}")
+
+    if job_rows:
+        print("\nStreaming (the resumable route job writes shards as it goes): peak RSS vs images routed")
+        print("| images | devices | per-device batch | seconds | images/s | peak RSS MiB | input array MiB "
+              "| peak RSS - input MiB |\n|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in job_rows:
+            if "error" in r:
+                print(f"| {r.get('images')} | {r['error']} |||||")
+                continue
+            print(f"| {r['images']} | {r['devices']} | {r['batch']} | {fmt(r['seconds'], '.1f')} | "
+                  f"{fmt(r['images_per_s'])} | {fmt(r['rss_peak_mib'], '.0f')} | {fmt(r['input_mib'], '.1f')} | "
+                  f"{fmt(r['rss_peak_mib'] - r['input_mib'], '.0f')} |")
 
     if cc is not None:
         if "error" in cc:
@@ -771,7 +841,7 @@ def _main(args, info, tmp, models, batch_sizes, other_bs, repeats, n_images, off
     jr = [r for r in rows if r["impl"] == "jaxroute" and r["images_per_s"]]
     summary = {}
     for m in models:
-        best_j = max((r for r in jr if r["model"] == m and r["devices"] == 1), key=lambda r: r["images_per_s"],
+        best_j = max((r for r in jr if r["model"] == m and r["batch"] > 1), key=lambda r: r["images_per_s"],
                      default=None)
         tbs = [r for r in rows if r["model"] == m and r["impl"].startswith("torch batched") and r["images_per_s"]]
         best_t = max(tbs, key=lambda r: r["images_per_s"], default=None)
@@ -779,6 +849,8 @@ def _main(args, info, tmp, models, batch_sizes, other_bs, repeats, n_images, off
         s = {"best_jaxroute_images_per_s": best_j and best_j["images_per_s"],
              "jaxroute_batch1_images_per_s": b1,
              "best_jaxroute_batch": best_j and best_j["batch"],
+             "best_jaxroute_devices": best_j and best_j["devices"],
+             "best_jaxroute_frac_matmul_peak": best_j and best_j["frac_peak"],
              "official_images_per_s": base_off.get(m),
              "best_torch_batched_images_per_s": best_t and best_t["images_per_s"],
              "best_torch_batched_batch": best_t and best_t["batch"]}
@@ -789,7 +861,10 @@ def _main(args, info, tmp, models, batch_sizes, other_bs, repeats, n_images, off
         if best_j and b1:
             s["batching_gain"] = best_j["images_per_s"] / b1
         summary[m] = s
-        print(f"\nSummary {m}: best jaxroute {fmt(s['best_jaxroute_images_per_s'])} img/s (B={s['best_jaxroute_batch']}); "
+        print(f"\nSummary {m}: best jaxroute {fmt(s['best_jaxroute_images_per_s'])} img/s (B={s['best_jaxroute_batch']}, "
+              f"{s['best_jaxroute_devices']} devices, "
+              f"{fmt(100 * s['best_jaxroute_frac_matmul_peak'] if s['best_jaxroute_frac_matmul_peak'] else None, '.1f')}% "
+              f"of the matmul peak); "
               f"official loop {fmt(s['official_images_per_s'])} img/s; best torch batched "
               f"{fmt(s['best_torch_batched_images_per_s'])} img/s (B={s['best_torch_batched_batch']}); "
               f"jaxroute B=1 {fmt(s['jaxroute_batch1_images_per_s'])} img/s (batching gain "
@@ -804,7 +879,7 @@ def _main(args, info, tmp, models, batch_sizes, other_bs, repeats, n_images, off
           f"benchmark wall time {total_s:.0f} s")
     out = {"benchmark": "jaxroute.routing.dgr", "steps": T, "machine": info, "models": model_info,
            "flops": {m: {k: v for k, v in f.items() if k != "layers"} for m, f in flops.items()},
-           "matmul": mm, "crosscheck": cc, "per_step": steps_diag, "summary": summary,
+           "matmul": mm, "crosscheck": cc, "per_step": steps_diag, "summary": summary, "job": job_rows,
            "rows": [{k: v for k, v in r.items() if k != "res"} | {"raw": r["res"]} for r in rows],
            "wall_s": total_s}
     line = json.dumps(out)

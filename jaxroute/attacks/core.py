@@ -29,11 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-LogitsFn = Callable[[jax.Array], jax.Array]
+from jaxroute.utils.conv_grads import loop_friendly
 
-#: Re-evaluate logits functions with loop-friendly convolution gradients on the
-#: CPU backend (see :mod:`jaxroute.attacks._conv_grad`); numerically identical.
-CONV_GRAD_WORKAROUND = True
+LogitsFn = Callable[[jax.Array], jax.Array]
 
 
 class AttackResult(NamedTuple):
@@ -124,14 +122,6 @@ def num_classes_of(logits_fn: LogitsFn, x: jax.Array) -> int:
     return int(out.shape[1])
 
 
-def loop_friendly(logits_fn: LogitsFn) -> LogitsFn:
-    """``logits_fn`` with the XLA:CPU in-loop convolution-gradient workaround, where it applies."""
-    if CONV_GRAD_WORKAROUND and jax.default_backend() == "cpu":
-        from jaxroute.attacks._conv_grad import canonical_conv_grads
-        return canonical_conv_grads(logits_fn)
-    return logits_fn
-
-
 def check_logits_fn(logits_fn) -> None:
     if not callable(logits_fn):
         raise TypeError(f"logits_fn must be callable x -> logits, got {type(logits_fn).__name__}")
@@ -140,7 +130,8 @@ def check_logits_fn(logits_fn) -> None:
 def prepare(logits_fn: LogitsFn, x, label=None, target=None):
     """Common boundary checks: returns (logits_fn, x, label, target, num_classes).
 
-    The returned ``logits_fn`` is :func:`loop_friendly`.
+    The returned ``logits_fn`` is :func:`jaxroute.utils.conv_grads.loop_friendly`
+    (fast convolution gradients inside XLA:CPU loops).
     """
     check_logits_fn(logits_fn)
     x = check_images(x)

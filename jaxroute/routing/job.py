@@ -39,13 +39,13 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxroute.data import Dataset, batches
 from jaxroute.models.gates import GateSpec
 from jaxroute.routing.baselines import prune_route, weight_l1_scores
 from jaxroute.routing.dgr import DGRConfig, dgr_route
 from jaxroute.routing.metrics import routing_metrics
+from jaxroute.utils.devices import batch_sharding, shard_batch
 from jaxroute.utils.io import atomic_save_npz, atomic_write_text
 
 METHODS = ("dgr", "awr", "aar")
@@ -119,15 +119,22 @@ def route_array(router: Callable, x, batch_size: int) -> dict[str, np.ndarray]:
     (padded) or inside a full batch gives bit-identical results.  Across
     *different* compiled batch shapes XLA may pick other kernels, and the
     float-rounding differences can grow over DGR's 30 steps for some samples.
+
+    Each batch is split over all local devices when ``batch_size`` is a
+    multiple of their count (one device per core is the fast setup on a
+    CPU, see :mod:`jaxroute.utils.devices`), else it runs on one device.
     """
     x = np.asarray(x)
     n = len(x)
+    sharding = batch_sharding() if batch_size % jax.local_device_count() == 0 else None
     out: dict[str, list] = {}
     for lo in range(0, n, batch_size):
         chunk = x[lo : lo + batch_size]
         nv = len(chunk)
         if nv < batch_size:
             chunk = np.concatenate([chunk, np.zeros((batch_size - nv, *x.shape[1:]), x.dtype)])
+        if sharding is not None:
+            chunk = shard_batch(chunk, sharding)
         for k, v in jax.device_get(router(chunk)).items():
             out.setdefault(k, []).append(np.asarray(v)[:nv])
     return {k: np.concatenate(v) for k, v in out.items()}
@@ -249,8 +256,7 @@ def run_route_job(loaded, dataset: Dataset, out: str | os.PathLike, job: RouteJo
 
     devices = jax.local_devices()
     global_batch = job.batch_size * len(devices)
-    mesh = Mesh(np.array(devices), ("batch",))
-    sharding = NamedSharding(mesh, P("batch"))
+    sharding = batch_sharding(devices)
     route = make_router(loaded, job.method, job.dgr, job.prune_frac)
 
     mine = [i for i in range(n_shards) if i % pc == pi]
@@ -269,7 +275,7 @@ def run_route_job(loaded, dataset: Dataset, out: str | os.PathLike, job: RouteJo
         for bt in list(batches(part, global_batch)) + [None]:
             nxt = None
             if bt is not None:
-                nxt = (route(jax.device_put(jnp.asarray(bt.images), sharding)), bt.n_valid)
+                nxt = (route(shard_batch(jnp.asarray(bt.images), sharding)), bt.n_valid)
             if pending is not None:
                 res, nv = pending
                 res = jax.device_get(res)

@@ -82,3 +82,51 @@ def test_protocol_rows():
                              classifiers=("random_forest",))
     assert [(r["per_class"], r["classifier"]) for r in rows] == [(5, "random_forest"), (10, "random_forest")]
     assert all(r["auc_mean"] > 0.8 and r["auc_std"] >= 0 for r in rows)
+
+
+def test_source_class_correlation_and_other_labelings():
+    rng = np.random.default_rng(5)
+    real = rng.random((6, 18))
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    paths = class_mean_paths(real, labels, 3)
+    adv = paths[[1, 2, 0, 2, 0, 1]] + 0.01 * rng.normal(size=(6, 18))  # adversarial gates ~ reached class's path
+    c = layer_correlations(adv, real, np.array([1, 2, 0, 2, 0, 1]), paths, SPEC, source=labels)
+    assert c["to_reached_class"].min() > 0.9 and c["to_source_class"].mean() < c["to_reached_class"].mean()
+    with pytest.raises(ValueError, match="one row per adversarial"):
+        layer_correlations(adv[:3], real, labels, paths, SPEC)
+    # the same clusters scored against a second labeling
+    y = np.repeat(np.arange(3), 30)
+    x = rng.normal(size=(90, 18))
+    x[:, 10:] += 4 * np.eye(3)[y] @ rng.normal(size=(3, 8))
+    rows = {r["layer"]: r for r in layer_clustering_scores(x, y, SPEC, other_labels={"shuffled": rng.permutation(y)})}
+    assert rows["c"]["kmeans_v_measure"] > 0.8 > 0.2 > rows["c"]["kmeans_v_measure_shuffled"]
+    with pytest.raises(ValueError, match="labels"):
+        layer_clustering_scores(x, y[:10], SPEC)
+
+
+def test_cluster_summary_and_typical_order():
+    from jaxroute.analysis import centroid_distance, cluster_summary
+
+    x = np.array([[0.0, 0], [0.1, 0], [3.0, 0], [10, 0], [10, 1]])
+    ids = np.array([0, 0, 0, 1, 1])
+    d = centroid_distance(x, ids)
+    np.testing.assert_allclose(d, [1.0333333, 0.9333333, 1.9666667, 0.5, 0.5], rtol=1e-6)
+    rows = cluster_summary(ids, np.array([1, 1, 0, 0, 0], bool))
+    assert rows == [{"cluster": 0, "size": 3, "accuracy": pytest.approx(2 / 3)},
+                    {"cluster": 1, "size": 2, "accuracy": 0.0}]
+
+
+def test_protocol_draws_do_not_depend_on_other_sizes_and_score_extra_tests():
+    rng = np.random.default_rng(6)
+    labels = np.repeat(np.arange(3), 20)
+    tr_real, tr_adv = rng.normal(0, 1, (60, 6)), rng.normal(1.0, 1, (60, 6))
+    te_real, te_adv = rng.normal(0, 1, (30, 6)), rng.normal(1.0, 1, (30, 6))
+    kw = dict(runs=2, classifiers=("random_forest",), seed=3)
+    both = evaluate_protocol(tr_real, tr_adv, labels, te_real, te_adv, sizes=(5, 10), **kw,
+                             extra_tests={"same": (te_real, te_adv), "easy": (te_real, te_adv + 5)})
+    alone = evaluate_protocol(tr_real, tr_adv, labels, te_real, te_adv, sizes=(10,), **kw)
+    assert both[1]["aucs"] == alone[0]["aucs"]
+    assert both[1]["extra"]["same"]["auc_mean"] == pytest.approx(both[1]["auc_mean"])
+    assert both[1]["extra"]["easy"]["auc_mean"] > both[1]["auc_mean"]
+    with pytest.raises(ValueError, match="twin"):
+        evaluate_protocol(tr_real, tr_adv[:50], labels, te_real, te_adv, sizes=(5,), **kw)

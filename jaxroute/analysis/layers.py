@@ -27,10 +27,19 @@ def split_layers(cdrp: np.ndarray, spec: GateSpec) -> dict[str, np.ndarray]:
 
 
 def layer_clustering_scores(cdrp: np.ndarray, labels: np.ndarray, spec: GateSpec, *, seed: int = 0,
-                            n_clusters: int | None = None) -> list[dict]:
-    """Homogeneity / completeness / V-measure of K-means and agglomerative clusters, per layer."""
+                            n_clusters: int | None = None, other_labels: dict | None = None) -> list[dict]:
+    """Homogeneity / completeness / V-measure of K-means and agglomerative (Ward) clusters, per layer.
+
+    K defaults to the number of distinct labels.  ``other_labels`` ({name: labels}) scores the
+    same clusters against further labelings too (e.g. the model's predictions), as
+    ``{method}_v_measure_{name}``.
+    """
     labels = np.asarray(labels)
+    if len(labels) != len(cdrp):
+        raise ValueError(f"{len(cdrp)} CDRPs but {len(labels)} labels")
     k = n_clusters or len(np.unique(labels))
+    if not 1 <= k <= len(labels):
+        raise ValueError(f"cannot make {k} clusters of {len(labels)} CDRPs")
     rows = []
     for name, g in split_layers(cdrp, spec).items():
         row = {"layer": name, "channels": g.shape[1]}
@@ -39,6 +48,8 @@ def layer_clustering_scores(cdrp: np.ndarray, labels: np.ndarray, spec: GateSpec
         for tag, pred in (("kmeans", km), ("agglomerative", ag)):
             h, c, v = homogeneity_completeness_v_measure(labels, pred)
             row.update({f"{tag}_homogeneity": h, f"{tag}_completeness": c, f"{tag}_v_measure": v})
+            for lname, other in (other_labels or {}).items():
+                row[f"{tag}_v_measure_{lname}"] = homogeneity_completeness_v_measure(np.asarray(other), pred)[2]
         rows.append(row)
     return rows
 
@@ -65,23 +76,25 @@ def embed_layers(cdrp: np.ndarray, spec: GateSpec, layers: Sequence[str] | None 
     return out
 
 
-def plot_embeddings(emb: dict[str, np.ndarray], labels, class_names, path, title: str = "") -> None:
+def plot_embeddings(emb: dict[str, np.ndarray], labels, class_names, path, title: str = "", *,
+                    cols: int = 4, panel: float = 3.2, dpi: int = 110) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     n = len(emb)
-    cols = min(4, n)
+    cols = min(cols, n)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(panel * cols, panel * rows + 0.6), squeeze=False)
     labels = np.asarray(labels)
     cmap = plt.get_cmap("tab10")
     for ax, (name, xy) in zip(axes.flat, emb.items()):
         for c in np.unique(labels):
             sel = labels == c
-            ax.scatter(xy[sel, 0], xy[sel, 1], s=4, color=cmap(int(c) % 10), label=class_names[int(c)])
-        ax.set_title(name, fontsize=9)
+            ax.scatter(xy[sel, 0], xy[sel, 1], s=3, color=cmap(int(c) % 10), label=class_names[int(c)],
+                       linewidths=0)
+        ax.set_title(name, fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
     for ax in list(axes.flat)[n:]:
@@ -89,12 +102,12 @@ def plot_embeddings(emb: dict[str, np.ndarray], labels, class_names, path, title
     handles, names = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", ncol=min(10, len(names)), markerscale=3, fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(path, dpi=110)
+    fig.tight_layout(rect=(0, 0.6 / (panel * rows + 0.6), 1, 1))
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
 
-def plot_layer_scores(rows: list[dict], path, title: str = "") -> None:
+def plot_layer_scores(rows: list[dict], path, title: str = "", dpi: int = 110) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,8 +115,10 @@ def plot_layer_scores(rows: list[dict], path, title: str = "") -> None:
 
     fig, ax = plt.subplots(figsize=(10, 3.6))
     x = np.arange(len(rows))
-    for key, style in (("kmeans_v_measure", "-o"), ("agglomerative_v_measure", "-s"),
-                       ("kmeans_homogeneity", "--"), ("kmeans_completeness", ":")):
+    keys = [("kmeans_v_measure", "-o"), ("agglomerative_v_measure", "-s"),
+            ("kmeans_homogeneity", "--"), ("kmeans_completeness", ":")]
+    keys += [(k, "-.") for k in rows[0] if k.startswith("kmeans_v_measure_")]  # other labelings
+    for key, style in keys:
         ax.plot(x, [r[key] for r in rows], style, label=key.replace("_", " "))
     ax.set_xticks(x)
     ax.set_xticklabels([r["layer"] for r in rows], rotation=75, fontsize=7)
@@ -112,5 +127,5 @@ def plot_layer_scores(rows: list[dict], path, title: str = "") -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)

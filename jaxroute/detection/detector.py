@@ -70,28 +70,54 @@ def real_vs_adv(real, adv):
     return np.concatenate([real, adv]), np.concatenate([np.zeros(len(real), int), np.ones(len(adv), int)])
 
 
+def _draw(train_labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """``size`` random indices per class (all of a class's samples where it has fewer)."""
+    return np.concatenate([
+        rng.choice(np.flatnonzero(train_labels == k), size=min(size, int(np.sum(train_labels == k))),
+                   replace=False)
+        for k in np.unique(train_labels)
+    ])
+
+
 def evaluate_protocol(train_real, train_adv, train_labels, test_real, test_adv, *, sizes=(10, 50, 100),
-                      runs: int = 5, classifiers=tuple(CLASSIFIERS), seed: int = 0) -> list[dict]:
+                      runs: int = 5, classifiers=tuple(CLASSIFIERS), seed: int = 0,
+                      extra_tests: dict | None = None) -> list[dict]:
     """Table-3 protocol: for each per-class training size, ``runs`` independent draws of that
     many images per class (each with its adversarial twin) from the training pool, a fixed
-    test set; AUC mean ± std per classifier."""
+    test set; AUC mean ± std (population std over the runs) per classifier.
+
+    The draw of run ``r`` at size ``s`` comes from ``default_rng([seed, s, r])``: it does not
+    depend on which other sizes are evaluated, and two feature types (CDRPs, penultimate
+    activations) evaluated with the same seed and labels are trained on the same images.
+    A training size above a class's pool size uses the whole pool for that class.
+
+    ``extra_tests`` ({name: (real, adv)}) are further test sets (e.g. another attack)
+    scored by the same fitted detectors; their AUCs go into each row under ``extra``.
+    """
     train_labels = np.asarray(train_labels)
+    train_real, train_adv = np.asarray(train_real), np.asarray(train_adv)
+    if not (len(train_real) == len(train_adv) == len(train_labels)):
+        raise ValueError(f"training real, adversarial and label arrays differ in length: {len(train_real)}, "
+                         f"{len(train_adv)}, {len(train_labels)} (each adversarial image is its real image's twin)")
     test_x, test_y = real_vs_adv(test_real, test_adv)
-    rng = np.random.default_rng(seed)
+    extra = {k: real_vs_adv(*v) for k, v in (extra_tests or {}).items()}
     rows = []
     for size in sizes:
         aucs = {c: [] for c in classifiers}
+        extra_aucs = {c: {k: [] for k in extra} for c in classifiers}
         for run in range(runs):
-            idx = np.concatenate([
-                rng.choice(np.flatnonzero(train_labels == k), size=min(size, int(np.sum(train_labels == k))),
-                           replace=False)
-                for k in np.unique(train_labels)
-            ])
-            x, y = real_vs_adv(np.asarray(train_real)[idx], np.asarray(train_adv)[idx])
+            idx = _draw(train_labels, int(size), np.random.default_rng([seed, int(size), run]))
+            x, y = real_vs_adv(train_real[idx], train_adv[idx])
             for c in classifiers:
                 det = fit_detector(c, x, y, seed=seed * 1000 + run)
                 aucs[c].append(detection_auc(det, test_x, test_y))
+                for k, (ex, ey) in extra.items():
+                    extra_aucs[c][k].append(detection_auc(det, ex, ey))
         for c in classifiers:
-            rows.append({"per_class": size, "classifier": c, "auc_mean": float(np.mean(aucs[c])),
-                         "auc_std": float(np.std(aucs[c])), "runs": runs})
+            row = {"per_class": int(size), "classifier": c, "auc_mean": float(np.mean(aucs[c])),
+                   "auc_std": float(np.std(aucs[c])), "runs": runs, "aucs": [float(a) for a in aucs[c]]}
+            if extra:
+                row["extra"] = {k: {"auc_mean": float(np.mean(v)), "auc_std": float(np.std(v))}
+                                for k, v in extra_aucs[c].items()}
+            rows.append(row)
     return rows

@@ -33,8 +33,12 @@ def _atomic(path: Path, write) -> None:
         raise
 
 
+def atomic_write_bytes(path, data: bytes) -> None:
+    _atomic(path, lambda f: f.write(data))
+
+
 def atomic_write_text(path, text: str) -> None:
-    _atomic(path, lambda f: f.write(text.encode()))
+    atomic_write_bytes(path, text.encode())
 
 
 def atomic_save_npz(path, **arrays) -> None:

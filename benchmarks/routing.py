@@ -535,14 +535,9 @@ def machine_info(torch_threads: int) -> dict:
     import jaxlib
     import torch
 
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        cpu = platform.processor() or "unknown"
+    from benchmarks.machine import cpu_model
+
+    cpu = cpu_model()
     try:
         affinity = len(os.sched_getaffinity(0))
     except AttributeError:

@@ -181,6 +181,23 @@ def to_torch_input(x_nhwc: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD,
     return t.contiguous(memory_format=torch.channels_last) if channels_last else t
 
 
+class PixelSpace(nn.Module):
+    """``model`` behind its input normalization: takes NCHW pixels in [0, 1].
+
+    Attack libraries such as torchattacks work in pixel space and expect the
+    normalization inside the model (as jaxroute's attacks do).
+    """
+
+    def __init__(self, model: nn.Module, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x):
+        return self.model((x - self.mean) / self.std)
+
+
 def soft_ce(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """Per-sample cross-entropy of softmax(logits) against the soft target p."""
     return -(p * F.log_softmax(logits, dim=-1)).sum(-1)

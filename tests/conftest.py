@@ -75,3 +75,14 @@ def cifar_resnet_ckpt(shared_dir):
     def get(name: str) -> Path:
         return _skip_unless(CIFAR_RESNET_CKPTS[name], f"the pretrained {name} checkpoint")
     return get
+
+
+@pytest.fixture(scope="session")
+def digits_ckpt(tmp_path_factory) -> Path:
+    """A digits CNN trained here in a few seconds: real weights for CLI, routing and attack tests."""
+    from jaxroute.cli.main import main
+
+    out = tmp_path_factory.mktemp("ckpt") / "digits_cnn"
+    assert main(["train", "--model", "digits_cnn", "--data", "digits", "--out", str(out), "--epochs", "6",
+                 "--no-progress"]) == 0
+    return out

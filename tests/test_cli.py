@@ -78,3 +78,98 @@ def test_corrupt_weights_and_empty_folder(tmp_path, capsys):
 def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "jaxroute.cli.main", "info"], capture_output=True, text=True)
     assert out.returncode == 0 and "resnet20" in out.stdout
+
+
+# --------------------------------------------------------------------------- attack
+def attack_argv(weights, out, method, *extra):
+    return ["attack", "--model", "digits_cnn", "--weights", str(weights), "--data", "digits", "--split", "test",
+            "--limit", "20", "--method", method, "--out", str(out), "--json", *extra]
+
+
+@pytest.mark.parametrize("method, extra, linf_max", [
+    ("fgsm", ["--eps", "0.1"], 0.1),
+    ("ifgsm", ["--eps", "0.02", "--steps", "5"], 5 * 0.02),           # DGR Eq. 6: step eps, no eps-ball
+    ("pgd_linf", ["--eps", "0.05", "--steps", "5"], 0.05),
+    ("pgd_l2", ["--eps", "0.5", "--steps", "5"], None),
+    ("deepfool", ["--steps", "10"], None),
+    ("cw_l2", ["--steps", "20"], None),
+    # the library's lam = 0.1*255 (tuned for 32x32x3 inputs) keeps 8x8 digits clean: success 0
+    ("ensemble", ["--steps", "20", "--lam", "1"], None),
+])
+def test_attack_every_method_saves_arrays_and_json(digits_ckpt, tmp_path, capsys, method, extra, linf_max):
+    import numpy as np
+
+    out = tmp_path / method
+    assert main(attack_argv(digits_ckpt, out, method, *extra)) == 0
+    res = last_json(capsys)
+    for k in ("n", "success_rate", "mean_linf", "mean_l2", "clean_top1", "adv_top1"):
+        assert k in res, k
+    assert res["n"] == 20 and res["method"] == method
+    z = np.load(out / "test.npz")
+    x_adv, labels = z["images"], z["labels"]
+    assert x_adv.shape == (20, 8, 8, 1) and x_adv.dtype == np.float32
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    # the summary is computed from the saved arrays
+    assert res["success_rate"] == pytest.approx(float(z["success"].mean()))
+    assert res["mean_l2"] == pytest.approx(float(z["l2"].mean()), rel=1e-5)
+    assert res["adv_top1"] == pytest.approx(float(np.mean(z["adv_pred"] == labels)))
+    assert res["adv_top1"] < res["clean_top1"]
+    if linf_max is not None:
+        assert res["mean_linf"] <= linf_max + 1e-6 and float(z["linf"].max()) <= linf_max + 1e-6
+    if method == "pgd_l2":
+        assert float(z["l2"].max()) <= 0.5 + 1e-5
+    if method == "ensemble":                      # always targeted: the least-likely class by default
+        assert res["target"] == "least_likely" and np.all(z["target"] != z["clean_pred"])
+        assert res["success_rate"] >= 0.5
+        np.testing.assert_array_equal(z["success"], z["adv_pred"] == z["target"])
+    else:                                         # untargeted from the true label
+        assert np.all(z["target"] == -1)
+        np.testing.assert_array_equal(z["success"], z["adv_pred"] != labels)
+
+
+def test_attack_targets_and_seed(digits_ckpt, tmp_path, capsys):
+    import numpy as np
+
+    runs = {}
+    for name, extra in [("a", ["--seed", "1"]), ("b", ["--seed", "1"]), ("c", ["--seed", "2"])]:
+        out = tmp_path / name
+        assert main(attack_argv(digits_ckpt, out, "ifgsm", "--target", "random", "--steps", "3", *extra)) == 0
+        res = last_json(capsys)
+        assert res["target"] == "random" and res["seed"] == int(extra[1])
+        runs[name] = np.load(out / "test.npz")
+    t = runs["a"]["target"]
+    np.testing.assert_array_equal(t, runs["b"]["target"])             # same seed, same targets
+    assert not np.array_equal(t, runs["c"]["target"])                   # another seed, other targets
+    assert np.all(t != runs["a"]["labels"]) and t.min() >= 0 and t.max() < 10
+    np.testing.assert_array_equal(runs["a"]["success"], runs["a"]["adv_pred"] == t)   # targeted success
+    out = tmp_path / "ll"
+    assert main(attack_argv(digits_ckpt, out, "fgsm", "--target", "least_likely")) == 0
+    z = np.load(out / "test.npz")
+    assert np.all(z["target"] != z["labels"]) and np.all(z["target"] >= 0)
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--method", "deepfool", "--eps", "0.1"], "--eps applies to"),
+    (["--method", "deepfool", "--target", "random"], "deepfool is untargeted"),
+    (["--method", "fgsm", "--eps", "8"], "[0, 1] pixel units"),
+    (["--method", "fgsm", "--steps", "3"], "fgsm is a single step"),
+    (["--method", "ifgsm", "--alpha", "0.1"], "--alpha"),
+    (["--method", "cw_l2", "--lam", "1"], "--lam"),
+])
+def test_attack_bad_options_are_one_line_errors(extra, needle, tmp_path, capsys):
+    argv = ["attack", "--model", "digits_cnn", "--data", "digits", "--out", str(tmp_path / "o"), *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()                                # checked before any work
+
+
+@pytest.mark.skipif(not R20.exists(), reason=f"needs ../shared ({R20})")
+def test_attack_pretrained_resnet20_on_cifar_jpeg(tmp_path, capsys):
+    pytest.importorskip("torch")
+    assert main(["attack", "--model", "resnet20", "--weights", str(R20), "--data", str(SHARED / "data/cifar10-jpeg"),
+                 "--split", "test", "--limit", "20", "--method", "pgd_linf", "--eps", str(4 / 255),
+                 "--steps", "5", "--out", str(tmp_path / "adv"), "--json"]) == 0
+    res = last_json(capsys)
+    assert res["n"] == 20 and 0.6 <= res["clean_top1"] <= 1.0
+    assert res["success_rate"] >= 0.9 and res["adv_top1"] <= 0.1 and res["mean_linf"] <= 4 / 255 + 1e-6

@@ -1,5 +1,4 @@
 """Loop-friendly convolution gradients: same numbers as jax.grad, canonical kernels in loops."""
-import functools
 
 import jax
 import jax.numpy as jnp

@@ -17,15 +17,6 @@ from jaxroute.routing.job import load_shards
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def digits_ckpt(tmp_path_factory):
-    """A digits CNN trained here (a few seconds): real weights for routing tests."""
-    out = tmp_path_factory.mktemp("ckpt") / "digits_cnn"
-    assert main(["train", "--model", "digits_cnn", "--data", "digits", "--out", str(out), "--epochs", "6",
-                 "--no-progress"]) == 0
-    return out
-
-
 def route_args(ckpt, out, *extra):
     return ["route", "--model", "digits_cnn", "--weights", str(ckpt), "--data", "digits", "--split", "test",
             "--out", str(out), "--batch-size", "20", "--shard-size", "40", "--no-progress",

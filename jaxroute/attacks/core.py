@@ -201,3 +201,61 @@ def finish(logits_fn: LogitsFn, x: jax.Array, adv: jax.Array, label: jax.Array,
     d = adv - x
     return AttackResult(adv=adv, success=success, linf=linf_norm(d), l2=l2_norm(d),
                         adv_pred=adv_pred, label=label, target=target, iterations=iterations)
+
+
+# --------------------------------------------------------------------------
+# live-row compaction for loops with per-sample early stopping
+# --------------------------------------------------------------------------
+
+def compaction_widths(b: int, factor: int | None) -> list[int]:
+    """Static batch widths b, ceil(b/factor), ceil(b/factor²), ..., 1 (descending, distinct).
+
+    ``factor=None``: only b (no compaction).
+    """
+    out = [b]
+    while factor is not None and out[-1] > 1:
+        out.append(-(-out[-1] // factor))
+    return out
+
+
+def step_live_rows(step: Callable, state, live: jax.Array, widths: list[int]):
+    """One iteration of ``step`` that costs about the number of live rows, not B.
+
+    Loops with per-sample early stopping (DeepFool, CW) keep static shapes,
+    so a plain loop pays for all B rows on every iteration the slowest
+    sample needs.  Here the live rows are gathered into the smallest static
+    width of ``widths`` (descending, ``widths[0] == B``; see
+    :func:`compaction_widths`) that holds them, ``step`` runs on that
+    gather, and its rows are scattered back (``lax.switch`` between one
+    compiled step per width).  Every live row still advances by exactly one
+    iteration, so the result equals the uncompacted loop's up to float
+    rounding of the smaller batch.
+
+    ``state``: a pytree; leaves whose leading axis is B are per-sample rows
+    (gathered and scattered), other leaves (e.g. an iteration counter or
+    Adam's step count) are shared, passed whole and taken from ``step``'s
+    output.  ``step(state, live) -> state`` must leave rows with
+    ``live=False`` unchanged (padding rows are passed with ``live=False``
+    and dropped).
+    """
+    b = live.shape[0]
+    leaves, treedef = jax.tree.flatten(state)
+    rowwise = [leaf.ndim >= 1 and leaf.shape[0] == b for leaf in leaves]
+
+    def branch(w):
+        def run(leaves, live):
+            if w == b:     # the full batch: no gather
+                return jax.tree.leaves(step(treedef.unflatten(leaves), live))
+            sel = jnp.nonzero(live, size=w, fill_value=b)[0]   # live rows, then b = padding
+            g = jnp.minimum(sel, b - 1)
+            sub = [leaf[g] if r else leaf for leaf, r in zip(leaves, rowwise)]
+            out = jax.tree.leaves(step(treedef.unflatten(sub), live[g] & (sel < b)))
+            return [leaf.at[sel].set(o, mode="drop") if r else o
+                    for leaf, o, r in zip(leaves, out, rowwise)]
+        return run
+
+    if len(widths) == 1:
+        return treedef.unflatten(branch(widths[0])(leaves, live))
+    n_live = jnp.sum(live).astype(jnp.int32)
+    k = jnp.sum(jnp.asarray(widths, jnp.int32) >= n_live) - 1   # the smallest width holding them
+    return treedef.unflatten(jax.lax.switch(k, [branch(w) for w in widths], leaves, live))

@@ -17,11 +17,18 @@ pixel by about ``lr`` in the optimizer's own units: a step size s on
 perturbation, which shrinks by 255 on [0, 1]; the same objective therefore
 needs ``λ_[0,1] = 255 · λ_[0,255]``.
 
-Defaults.  ``steps=20`` (the paper: the optimization takes 10–20
-iterations), ``lr = 6/255`` and ``lam = 0.1·255`` are the conversions of
-the step size 6 and λ = 0.1 on [0, 255].  NOTE: the paper's text was not
-available when this was written; these two values are from memory and
-must be checked against the paper (they are plain config fields).
+Defaults (UNVERIFIED).  ``steps=20`` follows the 10–20 iterations the
+project's issue quotes from the paper; ``lr = 6/255`` and ``lam = 0.1·255``
+are the conversions of an Adam step size of 6 and λ = 0.1 on [0, 255],
+values its first author wrote from memory.  A search of the stored public
+text corpora (pages, docs, code; abstracts and summaries of arXiv:1708.05493
+and of its 2019 revision arXiv:1901.09035 only, no full text, and no public
+code of the authors) could not confirm the step size or λ, so both remain
+unverified against the paper; they are plain config fields.  The objective
+(L2 norm, not squared; sum of per-model cross-entropies), Adam, and the
+least-likely targets by average ensemble probability follow the issue's
+statement of the method.  ``stop_on_success`` and the [0, 1] projection
+after every step are this implementation's choices (stated below).
 
 Early stop (``stop_on_success=True``): a row stops changing at the first
 iterate that EVERY model classifies as y* (the smallest-perturbation

@@ -243,12 +243,53 @@ def cmd_quickstart(args) -> dict:
 ATTACK_METHODS = {  # CLI name -> (library attack, config fields from the CLI)
     "fgsm": ("fgsm", lambda a: {"eps": a.eps}),
     "ifgsm": ("bim", lambda a: {"eps": a.eps, "steps": a.steps}),
-    "pgd_linf": ("pgd", lambda a: {"eps": a.eps, "steps": a.steps, "norm": "linf"}),
-    "pgd_l2": ("pgd", lambda a: {"eps": a.eps, "steps": a.steps, "norm": "l2"}),
+    "pgd_linf": ("pgd", lambda a: {"eps": a.eps, "steps": a.steps, "alpha": a.alpha, "norm": "linf"}),
+    "pgd_l2": ("pgd", lambda a: {"eps": a.eps, "steps": a.steps, "alpha": a.alpha, "norm": "l2"}),
     "deepfool": ("deepfool", lambda a: {"max_iter": a.steps}),
     "cw_l2": ("cw", lambda a: {"steps": a.steps}),
-    "ensemble": ("ensemble", lambda a: {"steps": a.steps}),
+    "ensemble": ("ensemble", lambda a: {"steps": a.steps, "lam": a.lam}),
 }
+ATTACK_EPS = ("fgsm", "ifgsm", "pgd_linf", "pgd_l2")  # the methods with a perturbation budget
+PGD_L2_EPS = 0.5  # CLI default L2 radius of pgd_l2 (the library default 8/255 is an L-inf budget)
+
+
+def _attack_config(args) -> dict:
+    """Config fields of the chosen method from the CLI options, checked before any work."""
+    m = args.method
+    if args.eps is not None:
+        if m not in ATTACK_EPS:
+            raise ValueError(f"--eps applies to {', '.join(ATTACK_EPS)}; {m} is a minimal-perturbation "
+                             "attack without a budget (drop --eps)")
+        if not 0 < args.eps <= 1:
+            raise ValueError(f"--eps is in [0, 1] pixel units, got {args.eps}")
+    if args.steps is not None:
+        if m == "fgsm":
+            raise ValueError("fgsm is a single step; --steps applies to the iterative methods")
+        if args.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if args.alpha is not None:
+        if not m.startswith("pgd"):
+            raise ValueError(f"--alpha (the PGD step size) applies to pgd_linf and pgd_l2, not {m}")
+        if not args.alpha > 0:
+            raise ValueError(f"--alpha must be > 0 (pixel units), got {args.alpha}")
+    if args.lam is not None:
+        if m != "ensemble":
+            raise ValueError(f"--lam (the distance weight of the ensemble attack) does not apply to {m}")
+        if not args.lam >= 0:
+            raise ValueError(f"--lam must be >= 0, got {args.lam}")
+    if args.target != "none" and m == "deepfool":
+        raise ValueError("deepfool is untargeted: use --target none")
+    kw = {k: v for k, v in ATTACK_METHODS[m][1](args).items() if v is not None}
+    if m.startswith("pgd"):
+        from jaxroute.attacks import PGDConfig
+
+        d = PGDConfig()
+        if m == "pgd_l2" and args.eps is None:
+            kw["eps"] = PGD_L2_EPS
+        if args.alpha is None and ("eps" in kw or "steps" in kw):
+            # Madry et al.'s rule alpha = 2.5 eps / steps (gives the library's 2/255 at 8/255, 10 steps)
+            kw["alpha"] = 2.5 * kw.get("eps", d.eps) / kw.get("steps", d.steps)
+    return kw
 
 
 def cmd_attack(args) -> dict:
@@ -263,13 +304,15 @@ def cmd_attack(args) -> dict:
     from jaxroute.data import batches
     from jaxroute.utils.io import atomic_save_npz
 
-    if args.eps is not None and not 0 < args.eps <= 1:
-        raise ValueError(f"--eps is in [0, 1] pixel units, got {args.eps}")
-    name, fields = ATTACK_METHODS[args.method]
-    kw = {k: v for k, v in fields(args).items() if v is not None}
+    name = ATTACK_METHODS[args.method][0]
+    kw = _attack_config(args)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     loaded = _load(args, need_weights=True)
     ds = _data(args)
     _check_data_fits(loaded, ds)
+    if ds.labels is None:
+        raise ValueError(f"data {ds.name!r} has no labels; the attacks need the true labels")
     lf = loaded.logits_fn()
 
     def f(x):
@@ -278,25 +321,24 @@ def cmd_attack(args) -> dict:
     attack = make_attack(name, (f,) if name == "ensemble" else f, **kw)
     clean = jax.jit(f)
     key = jax.random.key(args.seed)
+    batch_size = min(args.batch_size, len(ds.images))  # no padding beyond a small data set
     cols: dict[str, list] = {}
-    for bt in batches(ds, args.batch_size):
+    for bt in batches(ds, batch_size):
         key, k_attack, k_target = jax.random.split(key, 3)
         x = jnp.asarray(bt.images)
+        y = jnp.asarray(bt.labels, jnp.int32)
         logits = clean(x)
+        k = logits.shape[-1]
         target = None
-        if name != "ensemble" and args.target != "none":
-            if name == "deepfool":
-                raise ValueError("deepfool is untargeted: use --target none")
-            k = logits.shape[-1]
-            if args.target == "least_likely":
-                target = jnp.argmin(logits, -1)
-            else:  # a random class other than the true one
-                target = (bt.labels + jax.random.randint(k_target, bt.labels.shape, 1, k)) % k
-        call = {"label": jnp.asarray(bt.labels)} if name not in ("ensemble",) else {}
+        if args.target == "least_likely" and name != "ensemble":  # the ensemble attack's own default
+            target = jnp.argmin(jnp.where(jax.nn.one_hot(y, k, dtype=bool), jnp.inf, logits), -1)
+        elif args.target == "random":  # uniform over the classes other than the true one
+            target = (y + jax.random.randint(k_target, y.shape, 1, k)) % k
+        call = {"label": y} if name != "ensemble" else {}
         if name == "pgd":
             call["key"] = k_attack
         if target is not None:
-            call["target"] = target
+            call["target"] = target.astype(jnp.int32)
         r = attack(x, **call)
         n = bt.n_valid
         adv = np.asarray(r.adv).reshape(-1, *x.shape[1:])
@@ -312,12 +354,16 @@ def cmd_attack(args) -> dict:
     arrays = {k: np.concatenate(v) for k, v in cols.items()}
     out = Path(args.out)
     atomic_save_npz(out / f"{args.split}.npz", class_names=np.array(ds.class_names), **arrays)
+    targeted = name == "ensemble" or args.target != "none"
     res = {"n": int(len(arrays["labels"])), "method": args.method,
+           "target": ("least_likely" if name == "ensemble" and args.target == "none" else args.target),
+           "seed": args.seed, "config": kw,
            "success_rate": float(arrays["success"].mean()), "mean_linf": float(arrays["linf"].mean()),
            "mean_l2": float(arrays["l2"].mean()),
            "clean_top1": float(np.mean(arrays["clean_pred"] == arrays["labels"])),
            "adv_top1": float(np.mean(arrays["adv_pred"] == arrays["labels"])), "out": str(out)}
-    human = (f"{args.method} on {res['n']} images: success {res['success_rate']:.4f}, mean Linf "
+    what = "hit the target" if targeted else "changed the label"
+    human = (f"{args.method} on {res['n']} images: success ({what}) {res['success_rate']:.4f}, mean Linf "
              f"{res['mean_linf']:.4f}, mean L2 {res['mean_l2']:.4f}, top-1 {res['clean_top1']:.4f} -> "
              f"{res['adv_top1']:.4f}; saved {out / (args.split + '.npz')}")
     return res, human
@@ -420,12 +466,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(s)
     s.add_argument("--method", choices=sorted(ATTACK_METHODS), required=True)
     s.add_argument("--eps", type=float, default=None,
-                   help="in [0, 1] pixel units (attack default if omitted); for ifgsm the per-step size, "
-                        "as in the DGR paper (Eq. 5/6: step eps, T steps, clipped to [0, 1])")
-    s.add_argument("--steps", type=int, default=None, help="iterations (attack default if omitted)")
-    s.add_argument("--target", choices=("none", "random", "least_likely"), default="none")
+                   help="budget in [0, 1] pixel units for fgsm, ifgsm, pgd_linf, pgd_l2 (defaults: 8/255; "
+                        "ifgsm 0.01; pgd_l2 0.5 in L2); for ifgsm the per-step size, as in the DGR paper "
+                        "(Eq. 5/6: step eps, T steps, clipped to [0, 1])")
+    s.add_argument("--steps", type=int, default=None,
+                   help="iterations (ifgsm, pgd: steps; deepfool: max iterations; cw_l2: Adam steps per "
+                        "binary-search round; ensemble: Adam steps); attack default if omitted")
+    s.add_argument("--alpha", type=float, default=None,
+                   help="PGD step size in pixel units (default 2.5 * eps / steps, Madry et al.)")
+    s.add_argument("--lam", type=float, default=None,
+                   help="ensemble: weight of the L2 distance on [0, 1] pixels (library default 0.1*255, "
+                        "unverified against the paper; small inputs such as 8x8 digits need less, e.g. 1)")
+    s.add_argument("--target", choices=("none", "random", "least_likely"), default="none",
+                   help="none: untargeted, away from the true label; random: a uniformly random class other "
+                        "than the true one (drawn from --seed); least_likely: the model's least likely class "
+                        "other than the true one. The ensemble attack is always targeted: none and "
+                        "least_likely give its least-likely targets, random gives random ones")
     s.add_argument("--batch-size", type=int, default=256)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0,
+                   help="PRNG seed of the random targets and the PGD random start (recorded in the JSON)")
     s.add_argument("--out", required=True)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_attack)

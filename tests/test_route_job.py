@@ -161,3 +161,18 @@ def test_attack_route_detect_pipeline(digits_ckpt, tmp_path, capsys):
     # Twins must line up: a test set of another size is refused.
     assert main(["detect", "--train-real", str(outs["real_train"]), "--train-adv", str(outs["adv_test"]),
                  "--test-real", str(outs["real_test"]), "--test-adv", str(outs["adv_test"])]) == 2
+
+
+def test_small_data_set_gets_a_batch_it_fills(digits_ckpt, tmp_path):
+    """--batch-size larger than the data: the job routes at the size the data fills, no padding."""
+    import jax
+
+    out = tmp_path / "small"
+    argv = ["route", "--model", "digits_cnn", "--weights", str(digits_ckpt), "--data", "digits", "--split", "test",
+            "--limit", "10", "--out", str(out), "--steps", "3", "--no-progress"]
+    assert main(argv) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    fit = -(-10 // jax.device_count())
+    assert m["job"]["batch_size"] == fit and m["shard_size"] % fit == 0
+    assert len(load_shards(out)["index"]) == 10
+    assert main(argv) == 0                     # a rerun resumes with the same effective batch

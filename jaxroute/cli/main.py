@@ -202,6 +202,12 @@ def cmd_route(args) -> dict:
         job = dataclasses.replace(job, batch_size=b, shard_size=shard)
     ds = _data(args)
     _check_data_fits(loaded, ds)
+    import jax
+
+    fit = -(-len(ds.images) // jax.device_count())
+    if fit < job.batch_size:  # a small data set: padding a batch it cannot fill is wasted work
+        job = dataclasses.replace(job, batch_size=fit, shard_size=-(-job.shard_size // fit) * fit)
+        _log(f"{len(ds.images)} images on {jax.device_count()} device(s): batch size {fit} per device")
     summary = run_route_job(loaded, ds, args.out, job, progress=not args.no_progress, log=_log)
     keys = ("n", "method", "top1_agreement", "top1_accuracy", "top5_accuracy", "full_top1", "full_top5",
             "sparsity", "sparsity_std", "fallback_fraction", "images_per_s", "seconds")

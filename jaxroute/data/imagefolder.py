@@ -17,6 +17,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from jaxroute.utils.io import atomic_save_npz
+
 from .core import Dataset
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -182,22 +184,10 @@ def _read_cache(path: Path, key: str, entries: list[FileEntry], class_names: tup
 
 def _write_cache(path: Path, images: np.ndarray, key: str, entries: list[FileEntry],
                  class_names: tuple[str, ...]) -> None:
-    """Atomic: a temp file in the same folder, then ``os.replace``; readers never see half a file."""
-    import tempfile
-
+    """Atomic (:func:`jaxroute.utils.io.atomic_save_npz`): readers never see half a file."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, images=images, labels=np.asarray([e.label for e in entries], np.int32),
-                         class_names=np.asarray(class_names, dtype=str), key=np.asarray(key))
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600; a cache is worth sharing
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_save_npz(path, images=images, labels=np.asarray([e.label for e in entries], np.int32),
+                        class_names=np.asarray(class_names, dtype=str), key=np.asarray(key))
     except OSError as e:  # a read-only or full cache dir must not stop the load
         warnings.warn(f"could not write ImageFolder cache {path}: {e}", RuntimeWarning, 2)
 

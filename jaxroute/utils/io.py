@@ -2,26 +2,33 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 import numpy as np
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _create_temp(path: Path) -> tuple[int, Path]:
+    """A new, uniquely named file beside ``path``, created with mode 0666 & ~umask.
+
+    Not ``tempfile.mkstemp``: it makes files 0600, and every shard and report would end up
+    unreadable to other users of a shared folder; reading the umask to fix that afterwards
+    means setting it, which races with other threads.  ``os.open`` lets the kernel apply it.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
 
 
 def _atomic(path: Path, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temp(path)
     try:
-        # mkstemp makes the file 0600; give it the mode a plain open() would (0666 & ~umask),
-        # or every shard and report ends up unreadable to other users of a shared folder.
-        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

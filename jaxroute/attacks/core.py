@@ -236,7 +236,8 @@ def step_live_rows(step: Callable, state, live: jax.Array, widths: list[int]):
     Adam's step count) are shared, passed whole and taken from ``step``'s
     output.  ``step(state, live) -> state`` must leave rows with
     ``live=False`` unchanged (padding rows are passed with ``live=False``
-    and dropped).
+    and dropped); leaves it returns as they came (the same object, e.g.
+    per-sample constants kept by ``{**state, ...}``) are not scattered back.
     """
     b = live.shape[0]
     leaves, treedef = jax.tree.flatten(state)
@@ -250,8 +251,9 @@ def step_live_rows(step: Callable, state, live: jax.Array, widths: list[int]):
             g = jnp.minimum(sel, b - 1)
             sub = [leaf[g] if r else leaf for leaf, r in zip(leaves, rowwise)]
             out = jax.tree.leaves(step(treedef.unflatten(sub), live[g] & (sel < b)))
-            return [leaf.at[sel].set(o, mode="drop") if r else o
-                    for leaf, o, r in zip(leaves, out, rowwise)]
+            # rows ``step`` passed through untouched (per-sample constants) need no scatter back
+            return [o if not r else leaf if o is s else leaf.at[sel].set(o, mode="drop")
+                    for leaf, s, o, r in zip(leaves, sub, out, rowwise)]
         return run
 
     if len(widths) == 1:

@@ -126,15 +126,14 @@ def summarize(success: np.ndarray, l2: np.ndarray, linf: np.ndarray, correct: np
 
 def run_jax(f, name, cfg, x, y, repeats, devices, correct):
     import jax
-    import jax.numpy as jnp
     from jaxroute import attacks
     from jaxroute.utils.devices import batch_sharding, shard_batch
 
     fn, cls = attacks.ATTACKS[name]
     core = functools.partial(fn, f, config=cls(**cfg))
     sharding = batch_sharding(jax.devices()[:devices])
-    xj = shard_batch(jnp.asarray(x), sharding)
-    yj = shard_batch(jnp.asarray(y, jnp.int32), sharding)
+    xj = shard_batch(x, sharding)
+    yj = shard_batch(np.asarray(y, np.int32), sharding)
     args = (xj, jax.random.key(0)) if name == "pgd" else (xj,)
     t0 = time.perf_counter()
     compiled = jax.jit(core).lower(*args, label=yj).compile()

@@ -260,7 +260,6 @@ def worker_matmul(cfg) -> dict:
 def worker_jax(cfg) -> dict:
     """jaxroute DGR on a global batch split over ``devices`` devices."""
     import jax
-    import jax.numpy as jnp
 
     from jaxroute.routing.dgr import DGRConfig
     from jaxroute.routing.job import make_router
@@ -277,7 +276,7 @@ def worker_jax(cfg) -> dict:
     loaded = _jax_loaded(cfg)
     route = make_router(loaded, "dgr", DGRConfig(steps=cfg["steps"]))
     sharding = batch_sharding(devices)
-    batches = [shard_batch(jnp.asarray(x), sharding) for x in _batches(_pool(cfg), b, cfg["repeats"] + 1)]
+    batches = [shard_batch(x, sharding) for x in _batches(_pool(cfg), b, cfg["repeats"] + 1)]
     jax.block_until_ready(batches)
     rss_base = rss_now_mib()
 

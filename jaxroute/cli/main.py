@@ -21,8 +21,8 @@ def _cpu_devices_per_core() -> None:
     """On CPU, one JAX device per core (see :mod:`jaxroute.utils.devices`).
 
     The route job splits each batch over all local devices; on the 2-core
-    development machine this routes ResNet-20 at 25.4 instead of 17.2
-    images/s, with bit-identical gates.  No effect on GPU/TPU devices.
+    development machine this routes ResNet-20 at 25.00 instead of 16.94
+    images/s (``benchmarks/README.md``), with bit-identical gates.  No effect on GPU/TPU devices.
     JAXROUTE_CPU_DEVICES=N sets the count; an explicit
     --xla_force_host_platform_device_count in XLA_FLAGS wins.
     """
@@ -174,14 +174,14 @@ def cmd_convert(args) -> dict:
 def cmd_route(args) -> dict:
     import dataclasses
 
+    import jax
+
     from jaxroute.routing import DGRConfig
     from jaxroute.routing.job import (
         RouteJob, batch_size_for_memory, make_router, parse_bytes, run_route_job,
     )
 
     if args.coordinator:
-        import jax
-
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     dgr = DGRConfig(steps=args.steps, lr=args.lr, momentum=args.momentum, gamma=args.gamma,
                     clip_min=args.clip_min, clip_max=args.clip_max)
@@ -202,8 +202,6 @@ def cmd_route(args) -> dict:
         job = dataclasses.replace(job, batch_size=b, shard_size=shard)
     ds = _data(args)
     _check_data_fits(loaded, ds)
-    import jax
-
     fit = -(-len(ds.images) // jax.device_count())
     if fit < job.batch_size:  # a small data set: padding a batch it cannot fill is wasted work
         job = dataclasses.replace(job, batch_size=fit, shard_size=-(-job.shard_size // fit) * fit)

@@ -275,7 +275,7 @@ def run_route_job(loaded, dataset: Dataset, out: str | os.PathLike, job: RouteJo
         for bt in list(batches(part, global_batch)) + [None]:
             nxt = None
             if bt is not None:
-                nxt = (route(shard_batch(jnp.asarray(bt.images), sharding)), bt.n_valid)
+                nxt = (route(shard_batch(bt.images, sharding)), bt.n_valid)
             if pending is not None:
                 res, nv = pending
                 res = jax.device_get(res)

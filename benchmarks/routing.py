@@ -697,6 +697,13 @@ def _main(args, info, tmp, models, batch_sizes, other_bs, repeats, n_images, off
             run(f"{m} jaxroute B={b} ({ncores} devices)",
                 {"kind": "jax", "model": m, "batch": b, "devices": ncores, "repeats": repeats},
                 xla_devices=ncores)
+        if m == primary:
+            # The column-pairing formulation of narrow convs (jaxroute.utils.conv_grads) switched off.
+            b1 = bss[0]
+            run(f"{m} jaxroute B={b1} ({ncores} devices), no column pairing",
+                {"kind": "jax", "model": m, "batch": b1, "devices": ncores, "repeats": repeats,
+                 "variant": "no column pairing"}, xla_devices=ncores,
+                env_extra={"JAXROUTE_CONV_GRADS": "canonical"})
         if m == primary and ncores > 1:
             b0 = ablation_batch
             run(f"{m} jaxroute B={b0}, 1 device", {"kind": "jax", "model": m, "batch": b0, "devices": 1,

@@ -1,5 +1,7 @@
 """Loop-friendly convolution gradients: same numbers as jax.grad, canonical kernels in loops."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,3 +106,57 @@ def test_can_be_switched_off(monkeypatch):
     assert (loop_friendly(f) is f) == (jax.default_backend() != "cpu")
     g = canonical_conv_grads(f)
     assert canonical_conv_grads(g) is g   # idempotent
+
+
+PAIR_CASES = [  # narrow SAME stride-1 3x3 convs over even widths: computed over column pairs
+    ((2, 6, 8, 16), (3, 3, 16, 16)),
+    ((3, 5, 10, 3), (3, 3, 3, 16)),   # the stem of a CIFAR ResNet: 3 -> 16
+    ((2, 4, 6, 16), (3, 3, 16, 8)),
+]
+
+
+@pytest.mark.parametrize("case", PAIR_CASES, ids=[f"pair{i}" for i in range(len(PAIR_CASES))])
+def test_column_pairing_gives_the_same_values_and_gradients(case):
+    lhs_shape, rhs_shape = case
+    x = jax.random.normal(jax.random.key(10), lhs_shape)
+    w = jax.random.normal(jax.random.key(11), rhs_shape)
+
+    def f(x, w):
+        y = lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.sum(jnp.tanh(y) * jnp.cos(jnp.arange(y.size).reshape(y.shape)))
+
+    paired = canonical_conv_grads(f, pair_narrow=True)
+    # The rewrite really takes the paired route: a 3x2 kernel over twice the channels.
+    assert f"{rhs_shape[2] * 2},{rhs_shape[3] * 2}]" in str(jax.make_jaxpr(paired)(x, w))
+    np.testing.assert_allclose(paired(x, w), f(x, w), rtol=1e-5, atol=1e-4)  # a sum of ~1e3 terms
+    for r, g in zip(jax.grad(f, argnums=(0, 1))(x, w), jax.grad(paired, argnums=(0, 1))(x, w)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-4)
+
+
+def test_pairing_leaves_other_convs_alone():
+    """Wide, strided, odd-width or VALID convs keep the plain canonical path."""
+    for lhs_shape, rhs_shape, strides, padding in [((1, 8, 8, 32), (3, 3, 32, 32), (1, 1), ((1, 1), (1, 1))),
+                                                   ((1, 8, 8, 16), (3, 3, 16, 16), (2, 2), ((1, 1), (1, 1))),
+                                                   ((1, 8, 7, 16), (3, 3, 16, 16), (1, 1), ((1, 1), (1, 1))),
+                                                   ((1, 8, 8, 16), (3, 3, 16, 16), (1, 1), ((0, 0), (0, 0)))]:
+        x, w = jnp.ones(lhs_shape), jnp.ones(rhs_shape)
+        f = lambda x: lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        jaxpr = str(jax.make_jaxpr(canonical_conv_grads(f, pair_narrow=True))(x))
+        assert "3,2," not in jaxpr, (lhs_shape, strides, padding)
+
+
+def test_pairing_policy(monkeypatch):
+    from jaxroute.utils import conv_grads
+
+    monkeypatch.setenv("JAXROUTE_CONV_GRADS", "paired")
+    assert conv_grads.pairing_helps()
+    monkeypatch.setenv("JAXROUTE_CONV_GRADS", "canonical")
+    assert not conv_grads.pairing_helps()
+    monkeypatch.setenv("JAXROUTE_CONV_GRADS", "auto")
+    cores = len(os.sched_getaffinity(0))
+    assert conv_grads.pairing_helps() == (jax.local_device_count() >= cores)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(jax.local_device_count() + 1)))
+    assert not conv_grads.pairing_helps()   # a device with more than one core: Eigen's threads win
+    monkeypatch.setenv("JAXROUTE_CONV_GRADS", "fast")
+    with pytest.raises(ValueError, match="JAXROUTE_CONV_GRADS='fast' is not one of"):
+        conv_grads.pairing_helps()

@@ -93,6 +93,25 @@ def test_dgr_matches_plain_per_image_loop(resnet20, images):
         np.testing.assert_allclose(float(r.loss[0]), ref_loss, rtol=1e-10)
 
 
+def test_dgr_with_column_paired_convs_matches_plain_loop(resnet20, images, monkeypatch):
+    """The CPU fast path (narrow convs over column pairs, jaxroute.utils.conv_grads) routes
+    exactly as Algorithm 1 written plainly: float64, T = 30, two images."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("column pairing is a CPU formulation")
+    monkeypatch.setenv("JAXROUTE_CONV_GRADS", "paired")
+    x, _ = images
+    with jax.enable_x64():
+        lf = float64_logits_fn(resnet20)
+        x64 = np.asarray(x[3:5], np.float64)
+        route = jax.jit(partial(dgr_route, lf, resnet20.spec, config=DGRConfig()))
+        assert "tensor<3x2x32x32xf64>" in route.lower(x64).as_text()  # the paired kernel is used
+        r = route(x64)
+        for i in range(2):
+            ref, ref_loss = reference_dgr(lf, resnet20.spec, x64[i], DGRConfig())
+            np.testing.assert_allclose(np.asarray(r.cdrp[i]), ref, atol=1e-8)
+            np.testing.assert_allclose(float(r.loss[i]), ref_loss, rtol=1e-10)
+
+
 def test_batch_invariance_across_batch_shapes_float64(resnet20, images):
     x, _ = images
     with jax.enable_x64():

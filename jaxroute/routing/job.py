@@ -45,6 +45,7 @@ from jaxroute.models.gates import GateSpec
 from jaxroute.routing.baselines import prune_route, weight_l1_scores
 from jaxroute.routing.dgr import DGRConfig, dgr_route
 from jaxroute.routing.metrics import routing_metrics
+from jaxroute.utils.conv_grads import loop_friendly
 from jaxroute.utils.devices import batch_sharding, shard_batch
 from jaxroute.utils.io import atomic_save_npz, atomic_write_text
 
@@ -84,6 +85,7 @@ def make_router(loaded, method: str, dgr: DGRConfig = DGRConfig(), prune_frac: f
     """A jitted ``route(x) -> dict of per-sample arrays`` for one method."""
     spec = loaded.spec
     module, variables = loaded.module, loaded.variables
+    @loop_friendly  # the same conv formulations as the routing itself (column pairing on CPU)
     def features(x):
         # Penultimate activations of the full model: the baseline feature for detectors.
         return module.apply(variables, x, capture=True)[1]["features"]

@@ -22,11 +22,30 @@ kernel, constant-folded when the weights are constants), so the spec stays
 canonical.  The kernel gradient uses JAX's own rule.  The math is unchanged:
 results equal plain ``jax.grad`` up to float rounding (the tests check it).
 
+Column pairing.  XLA:CPU gives a convolution to its fast library (YNNPACK)
+only when max(C_in, C_out) > 16; narrower ones (ResNet-20's whole first
+stage) run on Eigen at half the speed.  A SAME, stride-1 3x3 conv over an
+even-width NHWC map is therefore computed over *column pairs*: one zero
+column each side and a free reshape (W + 2, C) -> ((W + 2) / 2, 2C) turn it
+into a VALID 3x2 conv over 2C channels (4/3 of the FLOPs, a quarter of the
+pair kernel is zero), and its input gradient is the same construction with
+the flipped, in/out-swapped kernel.  One core, 6-conv 16-channel stage,
+forward + gate gradient in a scan: 179 -> 127 ms; DGR on ResNet-20 with one
+device per core (2 cores, batch 32): 26.45-27.40 -> 30.71-30.79 images/s
+(ad-hoc A/B runs, session 10; ``python -m benchmarks.routing`` for the
+table).  With one device spread over several cores it is slower (14.28 vs
+17.16 images/s, batch 64, 2 cores: YNNPACK splits these convs over threads
+worse than Eigen), so by default it is used only when every device has at
+most one core, which is how jaxroute sets up CPUs
+(:func:`jaxroute.utils.devices.cpu_devices_per_core`).
+
 It is applied on the CPU backend only (GPUs/TPUs have no such problem) by
 :func:`jaxroute.routing.dgr_route` and every attack in
 :mod:`jaxroute.attacks`, to any ``logits_fn`` -- jaxroute's models or your
-own.  ``JAXROUTE_CONV_GRADS=plain`` in the environment turns it off (for
-comparisons).
+own.  ``JAXROUTE_CONV_GRADS`` in the environment chooses, for comparisons:
+``auto`` (default: canonical gradients, column pairing when each CPU device
+has at most one core), ``paired`` (always pair), ``canonical`` (never pair),
+``plain`` (no rewrite: JAX's own gradients).
 """
 from __future__ import annotations
 
@@ -41,10 +60,29 @@ from jax import lax
 _CALL_PRIMITIVES = ("pjit", "jit", "closed_call", "core_call")
 
 
+MODES = ("auto", "paired", "canonical", "plain")
+
+
+def mode() -> str:
+    """``JAXROUTE_CONV_GRADS`` (default ``auto``); see the module docstring."""
+    m = os.environ.get("JAXROUTE_CONV_GRADS", "auto")
+    if m not in MODES:
+        raise ValueError(f"JAXROUTE_CONV_GRADS={m!r} is not one of {', '.join(MODES)}")
+    return m
+
+
 def enabled() -> bool:
     """True where the rewrite applies: the CPU backend, unless switched off."""
-    return os.environ.get("JAXROUTE_CONV_GRADS", "loop_friendly") != "plain" and \
-        jax.default_backend() == "cpu"
+    return mode() != "plain" and jax.default_backend() == "cpu"
+
+
+def pairing_helps() -> bool:
+    """Whether :func:`loop_friendly` pairs narrow convs: ``paired``, or ``auto`` with <= 1 core per device."""
+    m = mode()
+    if m != "auto":
+        return m == "paired"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return jax.local_device_count() >= cores
 
 
 def _dilate(shape, dilation):
@@ -77,7 +115,84 @@ def _lhs_grad(g, lhs_shape, rhs, params):
         precision=params.get("precision"))
 
 
-def _conv(prim, params, lhs, rhs):
+def _pair_kernel(w):
+    """(3, 3, C_in, C_out) -> (3, 2, 2*C_in, 2*C_out): a 3x3 conv as a 3x2 conv over column pairs.
+
+    Pair tap ``p`` of input pair ``(2q-1, 2q)`` member ``a`` feeds output pair
+    ``(2m, 2m+1)`` member ``b`` through original column tap ``2p + a - b``
+    (taps outside 0..2 are the 1/4 of the pair kernel that is zero).
+    """
+    kh, kw, ci, co = w.shape
+    k = jnp.zeros((kh, 2, 2, ci, 2, co), w.dtype)
+    for p in range(2):
+        for a in range(2):
+            for b in range(2):
+                if 0 <= 2 * p + a - b < kw:
+                    k = k.at[:, p, a, :, b, :].set(w[:, 2 * p + a - b])
+    return k.reshape(kh, 2, 2 * ci, 2 * co)
+
+
+def _pair_conv(x, w):
+    """SAME, stride-1 3x3 NHWC/HWIO conv computed over column pairs (see :func:`_pairable`).
+
+    Padding one column on each side and reshaping (W + 2, C) -> ((W + 2) / 2, 2C)
+    is free in memory order; the result, a VALID 3x2 conv, reshapes back for free.
+    """
+    b, h, wd, c = x.shape
+    # Zero columns by concatenation, not jnp.pad: XLA:CPU fuses the concatenate into the
+    # producing element-wise op at full speed; the pad fusion ran several times slower
+    # (6-conv stage in a scan, one core: 127 vs 141 ms).
+    zero = jnp.zeros((b, h, 1, c), x.dtype)
+    xp = jnp.concatenate([zero, x, zero], axis=2).reshape(b, h, wd // 2 + 1, 2 * c)
+    y = lax.conv_general_dilated(xp, _pair_kernel(w), (1, 1), ((1, 1), (0, 0)),
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y.reshape(b, h, wd, w.shape[3])
+
+
+def _pairable(params, lhs, rhs) -> bool:
+    """Convs that run faster as :func:`_pair_conv` on XLA:CPU.
+
+    XLA:CPU gives a conv to its fast library (YNNPACK) only when
+    max(C_in, C_out) > 16; narrower convs run on Eigen at half the speed
+    (``python -m benchmarks.conv_formulations``: 50 GFLOP/s per core for
+    ResNet-20's 16-channel stage against ~106 for its 32/64-channel ones).
+    Pairing columns doubles the channels at 4/3 of the FLOPs and runs at about
+    77 GFLOP/s of useful work, forward and input gradient alike.
+    """
+    dn = params["dimension_numbers"]
+    return (lhs.ndim == 4 and lhs.dtype == rhs.dtype and lhs.dtype in (jnp.float32, jnp.float64)
+            and tuple(dn.lhs_spec) == (0, 3, 1, 2) and tuple(dn.rhs_spec) == (3, 2, 0, 1)
+            and tuple(dn.out_spec) == (0, 3, 1, 2)
+            and rhs.shape[:2] == (3, 3) and max(rhs.shape[2], rhs.shape[3]) <= 16 and lhs.shape[2] % 2 == 0
+            and tuple(params["window_strides"]) == (1, 1)
+            and tuple(map(tuple, params["padding"])) == ((1, 1), (1, 1))
+            and tuple(params["lhs_dilation"]) == (1, 1) and tuple(params["rhs_dilation"]) == (1, 1))
+
+
+def _paired_conv(prim, params, lhs, rhs):
+    @jax.custom_vjp
+    def conv(lhs, rhs):
+        return _pair_conv(lhs, rhs)
+
+    def fwd(lhs, rhs):
+        return conv(lhs, rhs), (lhs, rhs)
+
+    def bwd(res, g):
+        lhs, rhs = res
+        # The input gradient of a SAME stride-1 3x3 conv is the same kind of conv with the
+        # flipped, in/out-swapped kernel, so it pairs the same way (and stays canonical).
+        dl = _pair_conv(g, jnp.swapaxes(rhs[::-1, ::-1], 2, 3))
+        _, vjp_r = jax.vjp(lambda r: prim.bind(lhs, r, **params), rhs)
+        return dl, vjp_r(g)[0]
+
+    conv.defvjp(fwd, bwd)
+    return conv(lhs, rhs)
+
+
+def _conv(prim, params, lhs, rhs, pair: bool):
+    if pair and _pairable(params, lhs, rhs):
+        return _paired_conv(prim, params, lhs, rhs)
+
     @jax.custom_vjp
     def conv(lhs, rhs):
         return prim.bind(lhs, rhs, **params)
@@ -96,7 +211,7 @@ def _conv(prim, params, lhs, rhs):
     return conv(lhs, rhs)
 
 
-def _eval(jaxpr, consts, *args):
+def _eval(pair, jaxpr, consts, *args):
     from jax.extend.core import Literal
 
     env = {}
@@ -114,13 +229,13 @@ def _eval(jaxpr, consts, *args):
         p = eqn.params
         if (name == "conv_general_dilated" and p.get("feature_group_count", 1) == 1
                 and p.get("batch_group_count", 1) == 1):
-            outs = [_conv(eqn.primitive, p, *invals)]
+            outs = [_conv(eqn.primitive, p, *invals, pair=pair)]
         elif name in _CALL_PRIMITIVES and ("jaxpr" in p or "call_jaxpr" in p):
             inner = p.get("jaxpr", p.get("call_jaxpr"))
             if hasattr(inner, "consts"):
-                outs = _eval(inner.jaxpr, inner.consts, *invals)
+                outs = _eval(pair, inner.jaxpr, inner.consts, *invals)
             else:
-                outs = _eval(inner, (), *invals)
+                outs = _eval(pair, inner, (), *invals)
         else:
             bp = eqn.primitive.get_bind_params(p)
             subfuns = []
@@ -139,24 +254,29 @@ def _eval(jaxpr, consts, *args):
     return [read(v) for v in jaxpr.outvars]
 
 
-def canonical_conv_grads(fn):
+def canonical_conv_grads(fn, pair_narrow: bool = False):
     """``fn`` (arrays -> pytree), re-evaluated with canonical-kernel convolution input gradients.
 
-    Unconditional (any backend); :func:`loop_friendly` is what the library uses.
+    ``pair_narrow``: also compute narrow SAME 3x3 convs over column pairs (see
+    the module docstring).  Unconditional (any backend); :func:`loop_friendly`
+    is what the library uses.
     """
-    if getattr(fn, "_canonical_conv_grads", False):
+    if getattr(fn, "_canonical_conv_grads", None) == pair_narrow:
         return fn
 
     @functools.wraps(fn)
     def wrapped(*args):
         closed, shape = jax.make_jaxpr(fn, return_shape=True)(*args)
-        outs = _eval(closed.jaxpr, closed.consts, *jax.tree.leaves(args))
+        outs = _eval(pair_narrow, closed.jaxpr, closed.consts, *jax.tree.leaves(args))
         return jax.tree.unflatten(jax.tree.structure(shape), outs)
 
-    wrapped._canonical_conv_grads = True
+    wrapped._canonical_conv_grads = pair_narrow
     return wrapped
 
 
 def loop_friendly(fn):
-    """``fn`` with :func:`canonical_conv_grads` where it helps (the CPU backend), else ``fn``."""
-    return canonical_conv_grads(fn) if enabled() else fn
+    """``fn`` with :func:`canonical_conv_grads` where it helps (the CPU backend), else ``fn``.
+
+    Column pairing follows :func:`pairing_helps`, decided when this is called.
+    """
+    return canonical_conv_grads(fn, pair_narrow=pairing_helps()) if enabled() else fn

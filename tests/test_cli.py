@@ -173,3 +173,21 @@ def test_attack_pretrained_resnet20_on_cifar_jpeg(tmp_path, capsys):
     res = last_json(capsys)
     assert res["n"] == 20 and 0.6 <= res["clean_top1"] <= 1.0
     assert res["success_rate"] >= 0.9 and res["adv_top1"] <= 0.1 and res["mean_linf"] <= 4 / 255 + 1e-6
+
+
+@pytest.mark.skipif(not R20.exists(), reason=f"needs ../shared ({R20})")
+def test_route_pretrained_resnet20_streams_cifar_jpeg(tmp_path, capsys, monkeypatch):
+    """`jaxroute route` on an ImageFolder reads the decoded pixels from the cache a batch at a time."""
+    pytest.importorskip("torch")
+    from jaxroute.data.stored import StoredImages
+
+    reads = []
+    real = StoredImages.read_uint8
+    monkeypatch.setattr(StoredImages, "read_uint8", lambda self: reads.append(len(self)) or real(self))
+    assert main(["route", "--model", "resnet20", "--weights", str(R20), "--data", str(SHARED / "data/cifar10-jpeg"),
+                 "--split", "test", "--limit", "24", "--steps", "3", "--batch-size", "4", "--shard-size", "8",
+                 "--data-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "routes"), "--json",
+                 "--no-progress"]) == 0
+    res = last_json(capsys)
+    assert res["n"] == 24 and res["top1_agreement"] >= 0.9
+    assert sum(reads) == 24 and max(reads) <= 4 * __import__("jax").local_device_count()

@@ -142,8 +142,9 @@ def test_imagefolder_limit_decodes_only_the_prefix(folder, tmp_path, monkeypatch
 def test_imagefolder_cache_hit_identical_and_used(folder, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     first = load_dataset(folder, "test", cache_dir=cache)
-    files = list((cache / "imagefolder").glob("*"))
-    assert len(files) == 1 and files[0].suffix == ".npz"  # no temp files left behind
+    files = sorted((cache / "imagefolder").glob("*"))
+    # one entry: pixels (.npy) + metadata (.npz), no temp files left behind
+    assert [f.suffix for f in files] == [".npy", ".npz"] and files[0].stem == files[1].stem
 
     def boom(path):
         raise AssertionError(f"decoded {path} although the cache is valid")
@@ -181,7 +182,7 @@ def _corrupt_truncate(path: Path):
 
 def _corrupt_flip_pixel_byte(path: Path):
     data = bytearray(path.read_bytes())
-    i = data.index(b"\x93NUMPY") + 200  # inside the images array (the first member), past its header
+    i = data.index(b"\x93NUMPY") + 200  # inside the first array, past its header
     data[i] ^= 0xFF
     path.write_bytes(bytes(data))
 
@@ -190,18 +191,83 @@ def _corrupt_garbage(path: Path):
     path.write_bytes(b"not an npz at all")
 
 
+@pytest.mark.parametrize("member", ["npz", "npy"])
 @pytest.mark.parametrize("corrupt", [_corrupt_truncate, _corrupt_flip_pixel_byte, _corrupt_garbage])
-def test_imagefolder_corrupt_cache_rebuilt(folder, tmp_path, corrupt):
+def test_imagefolder_corrupt_cache_rebuilt(folder, tmp_path, corrupt, member):
     cache = tmp_path / "cache"
     ref = load_dataset(folder, "test", cache_dir=cache)
-    (path,) = (cache / "imagefolder").glob("*.npz")
+    (path,) = (cache / "imagefolder").glob(f"*.{member}")
+    if member == "npz" and corrupt is _corrupt_flip_pixel_byte:
+        pytest.skip("the metadata holds no pixels; its zip CRC is covered by truncation and garbage")
     corrupt(path)
     with pytest.warns(RuntimeWarning, match="rebuilding"):
-        again = load_dataset(folder, "test", cache_dir=cache)
-    np.testing.assert_array_equal(again.images, ref.images)
+        again = load_dataset(folder, "test", cache_dir=cache, stream=True)
+    np.testing.assert_array_equal(again.images.read(), ref.images)
     np.testing.assert_array_equal(again.labels, ref.labels)
-    with np.load(path) as z:  # rewritten and valid again
-        np.testing.assert_array_equal(z["images"].astype(np.float32) / 255, ref.images)
+    # rewritten and valid again: a second load uses it silently
+    np.testing.assert_array_equal(load_dataset(folder, "test", cache_dir=cache).images, ref.images)
+
+
+def test_streaming_imagefolder_reads_per_batch(folder, tmp_path, monkeypatch):
+    from jaxroute.data.stored import StoredImages
+
+    ref = load_dataset(folder, "test", cache_dir=tmp_path / "cache")
+    ds = load_dataset(folder, "test", cache_dir=tmp_path / "cache", stream=True)
+    assert ds.streams and not ref.streams and isinstance(ds.images, StoredImages)
+    assert ds.images.shape == ref.images.shape and len(ds) == len(ref)
+    reads = []
+    real_read = StoredImages.read_uint8
+    monkeypatch.setattr(StoredImages, "read_uint8", lambda self: reads.append(len(self)) or real_read(self))
+    got = list(batches(ds, 4))
+    want = list(batches(ref, 4))
+    assert reads == [4, 2]  # one read per batch, of that batch's rows only
+    for g, w in zip(got, want):
+        assert g.images.dtype == np.float32 and g.n_valid == w.n_valid
+        np.testing.assert_array_equal(g.images, w.images)
+        np.testing.assert_array_equal(g.labels, w.labels)
+    # lazy slices, limits and materialize
+    part = ds.images[1:5][1:3]
+    assert isinstance(part, StoredImages) and part.shape == (2,) + ref.image_shape
+    np.testing.assert_array_equal(part.read(), ref.images[2:4])
+    np.testing.assert_array_equal(ds.take(3).images.read(), ref.images[:3])
+    np.testing.assert_array_equal(ds.materialize().images, ref.images)
+    limited = load_dataset(folder, "test", limit=3, cache_dir=tmp_path / "cache", stream=True)
+    np.testing.assert_array_equal(limited.images.read(), ref.images[:3])
+    with pytest.raises(TypeError, match="row slices"):
+        ds.images[[0, 2]]
+    with pytest.raises(ValueError, match="step 1"):
+        ds.images[::2]
+
+
+def test_streaming_without_cache_warns_and_holds_images(folder, tmp_path):
+    with pytest.warns(RuntimeWarning, match="stream=True needs the ImageFolder cache"):
+        ds = imagefolder_mod.load_imagefolder(folder, "test", cache_dir=tmp_path / "c", use_cache=False,
+                                              stream=True)
+    assert not ds.streams and ds.images.dtype == np.float32
+
+
+def test_stored_images_errors(tmp_path):
+    from jaxroute.data.stored import StoredImages, save_stored_images
+
+    with pytest.raises(FileNotFoundError, match="do not exist"):
+        StoredImages(tmp_path / "none.npy")
+    np.save(tmp_path / "f.npy", np.zeros((2, 3, 3, 1), np.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        StoredImages(tmp_path / "f.npy")
+    (tmp_path / "t.txt").write_text("hello")
+    with pytest.raises(ValueError, match="not a .npy file"):
+        StoredImages(tmp_path / "t.txt")
+    x = np.arange(2 * 3 * 3 * 1, dtype=np.uint8).reshape(2, 3, 3, 1)
+    crc = save_stored_images(tmp_path / "x.npy", x)
+    np.testing.assert_array_equal(StoredImages(tmp_path / "x.npy", crc32=crc).read_uint8(), x)
+    with pytest.raises(ValueError, match="corrupted: CRC-32"):
+        StoredImages(tmp_path / "x.npy", crc32=crc ^ 1)
+    data = (tmp_path / "x.npy").read_bytes()
+    (tmp_path / "x.npy").write_bytes(data[:-3])
+    with pytest.raises(ValueError, match="truncated"):
+        StoredImages(tmp_path / "x.npy")
+    with pytest.raises(ValueError, match="uint8"):
+        save_stored_images(tmp_path / "y.npy", x.astype(np.float32))
 
 
 def test_imagefolder_size_mismatch(folder, tmp_path):

@@ -176,3 +176,32 @@ def test_small_data_set_gets_a_batch_it_fills(digits_ckpt, tmp_path):
     assert m["job"]["batch_size"] == fit and m["shard_size"] % fit == 0
     assert len(load_shards(out)["index"]) == 10
     assert main(argv) == 0                     # a rerun resumes with the same effective batch
+
+
+def test_streaming_input_routes_the_same_and_reads_per_batch(digits_ckpt, tmp_path, monkeypatch):
+    """A data set whose images stay on disk (StoredImages, what `jaxroute route` gets from an
+    ImageFolder) gives the same shards as the same images in memory, read a batch at a time."""
+    from jaxroute.data import Dataset
+    from jaxroute.data.stored import StoredImages, save_stored_images
+    from jaxroute.routing.dgr import DGRConfig
+    from jaxroute.routing.job import RouteJob, run_route_job
+    from jaxroute.weights import load_model
+
+    loaded = load_model(None, digits_ckpt)
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (50, 8, 8, 1), dtype=np.uint8)
+    save_stored_images(tmp_path / "x.npy", pixels)
+    labels = rng.integers(0, 10, 50).astype(np.int32)
+    names = tuple(str(i) for i in range(10))
+    job = RouteJob(model="digits_cnn", weights=str(digits_ckpt), data="x", split="test", limit=None,
+                   dgr=DGRConfig(steps=5), batch_size=8, shard_size=16)
+    in_memory = Dataset(pixels.astype(np.float32) / np.float32(255), labels, names, "x")
+    run_route_job(loaded, in_memory, tmp_path / "mem", job, progress=False)
+    reads = []
+    real = StoredImages.read_uint8
+    monkeypatch.setattr(StoredImages, "read_uint8", lambda self: reads.append(len(self)) or real(self))
+    run_route_job(loaded, Dataset(StoredImages(tmp_path / "x.npy"), labels, names, "x"), tmp_path / "disk", job,
+                  progress=False)
+    assert_same_outputs(tmp_path / "mem", tmp_path / "disk")
+    global_batch = 8 * len(__import__("jax").local_devices())
+    assert sum(reads) == 50 and max(reads) <= global_batch  # never more than one batch in memory

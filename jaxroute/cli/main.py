@@ -74,11 +74,11 @@ def _load(args, need_weights: bool = False):
     return load_model(args.model, args.weights, key=jax.random.key(getattr(args, "seed", 0)), **overrides)
 
 
-def _data(args, split=None):
+def _data(args, split=None, stream: bool = False):
     from jaxroute.data import load_dataset
 
     return load_dataset(args.data, split or args.split, limit=args.limit,
-                        cache_dir=args.data_dir, download=args.download)
+                        cache_dir=args.data_dir, download=args.download, stream=stream)
 
 
 def _check_data_fits(loaded, ds) -> None:
@@ -200,7 +200,7 @@ def cmd_route(args) -> dict:
         shard = -(-args.shard_size // b) * b
         _log(f"memory budget {budget / 2**20:.0f} MiB per device -> batch size {b}, shard size {shard}")
         job = dataclasses.replace(job, batch_size=b, shard_size=shard)
-    ds = _data(args)
+    ds = _data(args, stream=True)  # an ImageFolder is read batch by batch from its decoded cache
     _check_data_fits(loaded, ds)
     fit = -(-len(ds.images) // jax.device_count())
     if fit < job.batch_size:  # a small data set: padding a batch it cannot fill is wasted work

@@ -2,7 +2,9 @@
 
 Every source (digits, ImageFolder, CIFAR pickles, tfds) ends in the same
 ``Dataset``: NHWC float32 images in [0, 1] and int32 labels. One type means the
-routing and training code never has to know where the pixels came from.
+routing and training code never has to know where the pixels came from.  The
+images may also be a :class:`~jaxroute.data.stored.StoredImages` view (uint8
+on disk, read per batch by :func:`batches`): a data set that streams.
 """
 from __future__ import annotations
 
@@ -12,10 +14,16 @@ from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 
+from .stored import StoredImages, read_rows
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
     """Images (N, H, W, C) float32 in [0, 1], labels (N,) int32, class names.
+
+    ``images`` is a numpy array, or a ``StoredImages`` view whose pixels are
+    read from disk batch by batch (``load_dataset(..., stream=True)``); code
+    that needs the whole array calls :meth:`materialize`.
 
     ``__post_init__`` checks only structure (shapes, dtypes), which is O(1):
     loaders build datasets of tens of thousands of images and slicing code
@@ -33,7 +41,9 @@ class Dataset:
     def __post_init__(self):
         if not isinstance(self.class_names, tuple):
             object.__setattr__(self, "class_names", tuple(self.class_names))
-        if not isinstance(self.images, np.ndarray) or self.images.ndim != 4:
+        if isinstance(self.images, StoredImages):
+            pass  # checked when opened: uint8 (N, H, W, C) on disk, read as float32 in [0, 1]
+        elif not isinstance(self.images, np.ndarray) or self.images.ndim != 4:
             raise ValueError(f"Dataset {self.name!r}: images must be a 4-D (N, H, W, C) numpy array, got "
                              f"{type(self.images).__name__} of shape {getattr(self.images, 'shape', None)}")
         if self.images.dtype != np.float32:
@@ -57,6 +67,17 @@ class Dataset:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(int(d) for d in self.images.shape[1:])
+
+    @property
+    def streams(self) -> bool:
+        """True when the images are read from disk per batch (a ``StoredImages`` view)."""
+        return isinstance(self.images, StoredImages)
+
+    def materialize(self) -> "Dataset":
+        """This data set with its images in memory (a no-op unless it streams)."""
+        if not self.streams:
+            return self
+        return Dataset(self.images.read(), self.labels, self.class_names, self.name)
 
     def take(self, n: int) -> "Dataset":
         """The first ``n`` samples: the canonical order makes this a fair subset."""
@@ -147,7 +168,7 @@ def batches(data, batch_size: int, *, drop_remainder: bool = False, pad: bool = 
     skip batches they already finished without touching their data.
 
     ``data`` is a ``Dataset``, a ``(images, labels)`` pair, or a lone images
-    array (then ``labels`` is None).
+    array (then ``labels`` is None); images may be a ``StoredImages`` view.
     """
     if isinstance(data, Dataset):
         images, labels = data.images, data.labels
@@ -162,7 +183,7 @@ def batches(data, batch_size: int, *, drop_remainder: bool = False, pad: bool = 
         raise ValueError(f"start must be a batch index >= 0, got {start!r}")
     for b in range(int(start), total):
         lo, hi = b * batch_size, min((b + 1) * batch_size, len(images))
-        x = images[lo:hi]
+        x = read_rows(images[lo:hi])  # a streaming data set reads just this batch from disk
         y = None if labels is None else labels[lo:hi]
         n = hi - lo
         if pad and n < batch_size:

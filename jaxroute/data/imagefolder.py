@@ -1,9 +1,13 @@
 """Folders of JPEG/PNG files (``ROOT/<split>/<class>/*.jpg``), decoded once and cached.
 
 Decoding 60,000 small JPEGs costs tens of seconds of Python/Pillow overhead on
-every run; the decoded uint8 pixels are therefore cached in one ``.npz`` per
-split, keyed by everything that could change them (absolute root, split, file
-names, sizes and mtimes), so a second load only reads an array from disk.
+every run; the decoded uint8 pixels are therefore cached per split, keyed by
+everything that could change them (absolute root, split, file names, sizes and
+mtimes), so a second load only reads an array from disk.  A cache entry is two
+files: ``NAME.npy`` (the uint8 pixels, a plain ``.npy`` so that a streaming
+load can read any row range of it, :class:`~jaxroute.data.stored.StoredImages`)
+and ``NAME.npz`` (key, labels, class names and the pixels' CRC-32), written
+second: it is the entry's commit mark.
 """
 from __future__ import annotations
 
@@ -20,12 +24,13 @@ import numpy as np
 from jaxroute.utils.io import atomic_save_npz
 
 from .core import Dataset
+from .stored import StoredImages, save_stored_images
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 LAYOUT = "ROOT/<split>/<class>/*.jpg|*.jpeg|*.png"
 # Bump when the decoded content for the same files would change (decoder
 # settings, colour mode), so stale caches are ignored instead of trusted.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: pixels in a separate .npy (streamable), CRC-32 in the .npz
 _CHUNK = 256  # files per thread task: large enough to amortise scheduling
 
 
@@ -160,11 +165,17 @@ def decode_files(entries: list[FileEntry], desc: str = "decoding", max_workers: 
     return out
 
 
-def _read_cache(path: Path, key: str, entries: list[FileEntry], class_names: tuple[str, ...]):
-    """Cached uint8 images, or None when absent, stale or unreadable.
+def _pixels_path(meta: Path) -> Path:
+    return meta.with_suffix(".npy")
 
-    ``np.load`` of an npz checks each member's zip CRC while reading it, so a
-    truncated or bit-flipped file raises here and is rebuilt rather than used.
+
+def _read_cache(path: Path, key: str, entries: list[FileEntry],
+                class_names: tuple[str, ...]) -> StoredImages | None:
+    """The cached pixels as a lazy view, or None when absent, stale or unreadable.
+
+    The pixel file's size is checked against its header and its CRC-32
+    against the one recorded when it was written, so a truncated or
+    bit-flipped cache is rebuilt rather than used.
     """
     if not path.exists():
         return None
@@ -172,9 +183,11 @@ def _read_cache(path: Path, key: str, entries: list[FileEntry], class_names: tup
         with np.load(path, allow_pickle=False) as z:
             ok = (str(z["key"]) == key and tuple(str(c) for c in z["class_names"]) == class_names
                   and np.array_equal(z["labels"], [e.label for e in entries]))
-            images = z["images"]
-        if ok and images.dtype == np.uint8 and images.ndim == 4 and images.shape[0] == len(entries):
-            return images
+            crc = int(z["crc32"])
+        if ok:
+            stored = StoredImages(_pixels_path(path), crc32=crc)
+            if len(stored) == len(entries):
+                return stored
         warnings.warn(f"ImageFolder cache {path} does not match the files; rebuilding it", RuntimeWarning, 2)
     except Exception as e:  # any failure to read means: decode again
         warnings.warn(f"ImageFolder cache {path} is unreadable ({type(e).__name__}: {e}); rebuilding it",
@@ -183,13 +196,46 @@ def _read_cache(path: Path, key: str, entries: list[FileEntry], class_names: tup
 
 
 def _write_cache(path: Path, images: np.ndarray, key: str, entries: list[FileEntry],
-                 class_names: tuple[str, ...]) -> None:
-    """Atomic (:func:`jaxroute.utils.io.atomic_save_npz`): readers never see half a file."""
+                 class_names: tuple[str, ...]) -> StoredImages | None:
+    """Pixels, then metadata, each atomic (:mod:`jaxroute.utils.io`): a reader sees a whole
+    entry or none.  Returns the written pixels as a lazy view (None if the cache dir is unwritable)."""
     try:
-        atomic_save_npz(path, images=images, labels=np.asarray([e.label for e in entries], np.int32),
-                        class_names=np.asarray(class_names, dtype=str), key=np.asarray(key))
+        crc = save_stored_images(_pixels_path(path), images)
+        atomic_save_npz(path, labels=np.asarray([e.label for e in entries], np.int32),
+                        class_names=np.asarray(class_names, dtype=str), key=np.asarray(key),
+                        crc32=np.asarray(crc, np.int64))
+        return StoredImages(_pixels_path(path))
     except OSError as e:  # a read-only or full cache dir must not stop the load
         warnings.warn(f"could not write ImageFolder cache {path}: {e}", RuntimeWarning, 2)
+        return None
+
+
+def _load(root, split, limit, cache_dir, use_cache):
+    """(pixels, entries, class_names): pixels a StoredImages view of the cache, or a uint8 array
+    when there is no (writable) cache."""
+    root = Path(root).expanduser().absolute()
+    class_names, entries = list_split(root, split)
+    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    full_key = cache_key(root, split, entries)
+    full_path = cache_path(cache_dir, root, split, full_key)
+    pixels = _read_cache(full_path, full_key, entries, class_names) if use_cache else None
+    if pixels is not None:
+        if limit is not None:
+            pixels, entries = pixels[:limit], entries[:limit]
+        return pixels, entries, class_names
+    if limit is not None and limit < len(entries):
+        entries = entries[:limit]
+        key = cache_key(root, split, entries)
+        path = cache_path(cache_dir, root, split, key)
+    else:
+        key, path = full_key, full_path
+    pixels = _read_cache(path, key, entries, class_names) if use_cache and path != full_path else None
+    if pixels is None:
+        decoded = decode_files(entries, desc=f"decoding {root.name}/{split}")
+        pixels = (_write_cache(path, decoded, key, entries, class_names) if use_cache else None)
+        if pixels is None:
+            pixels = decoded
+    return pixels, entries, class_names
 
 
 def load_imagefolder_uint8(root, split: str = "test", limit: int | None = None, cache_dir=None,
@@ -200,34 +246,26 @@ def load_imagefolder_uint8(root, split: str = "test", limit: int | None = None, 
     otherwise only the first ``limit`` files are decoded (and cached on their
     own), so small evaluation runs never pay for the full split.
     """
-    root = Path(root).expanduser().absolute()
-    class_names, entries = list_split(root, split)
-    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    full_key = cache_key(root, split, entries)
-    full_path = cache_path(cache_dir, root, split, full_key)
-    images = _read_cache(full_path, full_key, entries, class_names) if use_cache else None
-    if images is not None:
-        if limit is not None:
-            images, entries = images[:limit], entries[:limit]
-    else:
-        if limit is not None and limit < len(entries):
-            entries = entries[:limit]
-            key = cache_key(root, split, entries)
-            path = cache_path(cache_dir, root, split, key)
-        else:
-            key, path = full_key, full_path
-        images = _read_cache(path, key, entries, class_names) if use_cache and path != full_path else None
-        if images is None:
-            images = decode_files(entries, desc=f"decoding {root.name}/{split}")
-            if use_cache:
-                _write_cache(path, images, key, entries, class_names)
+    pixels, entries, class_names = _load(root, split, limit, cache_dir, use_cache)
+    images = pixels.read_uint8() if isinstance(pixels, StoredImages) else pixels
     labels = np.fromiter((e.label for e in entries), np.int32, len(entries))
     return images, labels, class_names
 
 
 def load_imagefolder(root, split: str = "test", limit: int | None = None, cache_dir=None,
-                     use_cache: bool = True) -> Dataset:
-    images, labels, class_names = load_imagefolder_uint8(root, split, limit, cache_dir, use_cache)
-    x = images.astype(np.float32)
-    x /= np.float32(255.0)
-    return Dataset(x, labels, class_names, f"{Path(root).name}:{split}")
+                     use_cache: bool = True, stream: bool = False) -> Dataset:
+    """One split as a ``Dataset``; ``stream=True`` leaves the pixels in the cache file and reads
+    them batch by batch (:class:`~jaxroute.data.stored.StoredImages`), so memory does not grow
+    with the number of images.  Without a writable cache a streaming load warns and holds the
+    images in memory."""
+    pixels, entries, class_names = _load(root, split, limit, cache_dir, use_cache)
+    labels = np.fromiter((e.label for e in entries), np.int32, len(entries))
+    if isinstance(pixels, StoredImages):
+        images = pixels if stream else pixels.read()
+    else:
+        if stream:
+            warnings.warn(f"stream=True needs the ImageFolder cache (use_cache=False or an unwritable cache "
+                          f"dir); holding the {len(pixels)} images of {root} in memory", RuntimeWarning, 2)
+        images = pixels.astype(np.float32)
+        images /= np.float32(255.0)
+    return Dataset(images, labels, class_names, f"{Path(root).name}:{split}")

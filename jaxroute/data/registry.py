@@ -25,7 +25,7 @@ def _looks_like_path(spec: str) -> bool:
 
 
 def load_dataset(spec: str, split: str = "test", limit: int | None = None, cache_dir=None,
-                 download: bool = False, *, data_dir=None) -> Dataset:
+                 download: bool = False, *, data_dir=None, stream: bool = False) -> Dataset:
     """Load ``split`` of the data set named by ``spec`` as a ``Dataset``.
 
     ``limit`` keeps the first ``limit`` samples of the source's canonical order
@@ -35,6 +35,9 @@ def load_dataset(spec: str, split: str = "test", limit: int | None = None, cache
     tfds data dir (default ``$TFDS_DATA_DIR`` or tfds' own); ``data_dir`` is an
     alias for the latter that reads better in tfds code. ``download`` applies to
     tfds only and is off so that an unprepared data set fails at once.
+    ``stream=True`` leaves an ImageFolder's decoded pixels on disk and reads
+    them per batch (``Dataset.streams``); the other sources are small enough
+    for memory and ignore it.
     """
     if not isinstance(spec, (str, os.PathLike)):
         raise TypeError(f"spec must be a string, got {type(spec).__name__}; expected {SPEC_HELP}")
@@ -72,7 +75,7 @@ def load_dataset(spec: str, split: str = "test", limit: int | None = None, cache
         return load_cifar_pickle(root, split, limit)
     from .imagefolder import load_imagefolder
 
-    return load_imagefolder(root, split, limit, cache_dir=cache_dir)
+    return load_imagefolder(root, split, limit, cache_dir=cache_dir, stream=stream)
 
 
 def load_arrays_split(path: Path, limit: int | None) -> Dataset:

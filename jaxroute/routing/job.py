@@ -29,6 +29,7 @@ Several processes (``jax.distributed``) each take the shards
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import time
@@ -274,7 +275,7 @@ def run_route_job(loaded, dataset: Dataset, out: str | os.PathLike, job: RouteJo
         part = Dataset(dataset.images[lo:hi], dataset.labels[lo:hi], dataset.class_names, dataset.name)
         results: dict[str, list] = {}
         pending = None  # dispatch batch k+1 before fetching batch k: keeps the devices busy
-        for bt in list(batches(part, global_batch)) + [None]:
+        for bt in itertools.chain(batches(part, global_batch), [None]):  # lazily: a batch in memory at a time
             nxt = None
             if bt is not None:
                 nxt = (route(shard_batch(bt.images, sharding)), bt.n_valid)

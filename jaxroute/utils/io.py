@@ -24,7 +24,8 @@ def _create_temp(path: Path) -> tuple[int, Path]:
             continue
 
 
-def _atomic(path: Path, write) -> None:
+def atomic_write_with(path, write) -> None:
+    """Call ``write(f)`` on a temp file beside ``path``, fsync it, then rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _create_temp(path)
@@ -41,7 +42,7 @@ def _atomic(path: Path, write) -> None:
 
 
 def atomic_write_bytes(path, data: bytes) -> None:
-    _atomic(path, lambda f: f.write(data))
+    atomic_write_with(path, lambda f: f.write(data))
 
 
 def atomic_write_text(path, text: str) -> None:
@@ -49,4 +50,4 @@ def atomic_write_text(path, text: str) -> None:
 
 
 def atomic_save_npz(path, **arrays) -> None:
-    _atomic(path, lambda f: np.savez(f, **arrays))
+    atomic_write_with(path, lambda f: np.savez(f, **arrays))

@@ -250,28 +250,13 @@ def check_cache_config(cache: Path, cfg: Config) -> None:
 def attack_arrays(attack: Callable, images: np.ndarray, labels: np.ndarray, target: np.ndarray | None,
                   global_batch: int) -> dict[str, np.ndarray]:
     """Run a ``make_attack`` attack over an array in fixed-shape batches split over the local devices."""
-    import jax
+    from jaxroute.utils.devices import map_batches
 
-    from jaxroute.utils.devices import batch_sharding, shard_batch
+    def run(i, x, y, t):
+        r = attack(x, label=np.asarray(y, np.int32), target=None if t is None else np.asarray(t, np.int32))
+        return {"images": r.adv, "adv_pred": r.adv_pred, "success": r.success, "linf": r.linf, "l2": r.l2}
 
-    sharding = batch_sharding() if global_batch % jax.local_device_count() == 0 else None
-    cols: dict[str, list] = {}
-    for lo in range(0, len(images), global_batch):
-        x, y = images[lo:lo + global_batch], labels[lo:lo + global_batch]
-        t = None if target is None else target[lo:lo + global_batch]
-        nv = len(x)
-        if nv < global_batch:  # pad with copies of the first row (real images: every value check passes)
-            pad = global_batch - nv
-            x = np.concatenate([x, np.repeat(x[:1], pad, 0)])
-            y = np.concatenate([y, np.repeat(y[:1], pad)])
-            t = None if t is None else np.concatenate([t, np.repeat(t[:1], pad)])
-        xj = shard_batch(x, sharding) if sharding is not None else x
-        r = jax.device_get(attack(xj, label=np.asarray(y, np.int32),
-                                  target=None if t is None else np.asarray(t, np.int32)))
-        for k, v in (("images", r.adv), ("adv_pred", r.adv_pred), ("success", r.success),
-                     ("linf", r.linf), ("l2", r.l2)):
-            cols.setdefault(k, []).append(np.asarray(v)[:nv])
-    out = {k: np.concatenate(v) for k, v in cols.items()}
+    out = map_batches(run, (images, labels, target), global_batch)
     out["images"] = out["images"].astype(np.float32)
     return out
 

@@ -186,6 +186,8 @@ def cmd_route(args) -> dict:
     dgr = DGRConfig(steps=args.steps, lr=args.lr, momentum=args.momentum, gamma=args.gamma,
                     clip_min=args.clip_min, clip_max=args.clip_max)
     budget = parse_bytes(args.memory_budget) if args.memory_budget else None
+    if args.batch_size is None:
+        args.batch_size = 32 if jax.default_backend() == "cpu" else 256
     # Built before anything is loaded, so bad arguments fail at once.
     job = RouteJob(model=args.model, weights=str(args.weights or ""), data=args.data, split=args.split,
                    limit=args.limit, method=args.method, dgr=dgr, prune_frac=args.prune_frac,
@@ -305,7 +307,7 @@ def cmd_attack(args) -> dict:
     import numpy as np
 
     from jaxroute.attacks import make_attack
-    from jaxroute.data import batches
+    from jaxroute.utils.devices import map_batches
     from jaxroute.utils.io import atomic_save_npz
 
     name = ATTACK_METHODS[args.method][0]
@@ -324,38 +326,30 @@ def cmd_attack(args) -> dict:
 
     attack = make_attack(name, (f,) if name == "ensemble" else f, **kw)
     clean = jax.jit(f)
-    key = jax.random.key(args.seed)
+    k_attack, k_target = jax.random.split(jax.random.key(args.seed))
     batch_size = min(args.batch_size, len(ds.images))  # no padding beyond a small data set
-    cols: dict[str, list] = {}
-    for bt in batches(ds, batch_size):
-        key, k_attack, k_target = jax.random.split(key, 3)
-        x = jnp.asarray(bt.images)
-        y = jnp.asarray(bt.labels, jnp.int32)
+
+    def run(i, x, y):
+        y = jnp.asarray(y, jnp.int32)
         logits = clean(x)
         k = logits.shape[-1]
         target = None
         if args.target == "least_likely" and name != "ensemble":  # the ensemble attack's own default
             target = jnp.argmin(jnp.where(jax.nn.one_hot(y, k, dtype=bool), jnp.inf, logits), -1)
         elif args.target == "random":  # uniform over the classes other than the true one
-            target = (y + jax.random.randint(k_target, y.shape, 1, k)) % k
+            target = (y + jax.random.randint(jax.random.fold_in(k_target, i), y.shape, 1, k)) % k
         call = {"label": y} if name != "ensemble" else {}
         if name == "pgd":
-            call["key"] = k_attack
+            call["key"] = jax.random.fold_in(k_attack, i)
         if target is not None:
             call["target"] = target.astype(jnp.int32)
         r = attack(x, **call)
-        n = bt.n_valid
-        adv = np.asarray(r.adv).reshape(-1, *x.shape[1:])
-        reps = adv.shape[0] // x.shape[0]  # the ensemble attack returns k adversarials per image
-        parts = {"images": adv, "adv_pred": np.asarray(r.adv_pred).reshape(-1),
-                 "success": np.asarray(r.success).reshape(-1), "linf": np.asarray(r.linf).reshape(-1),
-                 "l2": np.asarray(r.l2).reshape(-1), "labels": np.repeat(bt.labels, reps),
-                 "clean_pred": np.repeat(np.asarray(jnp.argmax(logits, -1)), reps),
-                 "target": (np.asarray(r.target).reshape(-1) if r.target is not None
-                            else np.full(adv.shape[0], -1))}
-        for k_, v in parts.items():
-            cols.setdefault(k_, []).append(v[: n * reps])
-    arrays = {k: np.concatenate(v) for k, v in cols.items()}
+        reps = r.adv.shape[0] // x.shape[0]  # the ensemble attack returns k adversarials per image
+        return {"images": r.adv, "adv_pred": r.adv_pred, "success": r.success, "linf": r.linf, "l2": r.l2,
+                "labels": jnp.repeat(y, reps), "clean_pred": jnp.repeat(jnp.argmax(logits, -1), reps),
+                "target": r.target if r.target is not None else jnp.full(r.adv.shape[0], -1, jnp.int32)}
+
+    arrays = map_batches(run, (ds.images, ds.labels), batch_size)
     out = Path(args.out)
     atomic_save_npz(out / f"{args.split}.npz", class_names=np.array(ds.class_names), **arrays)
     targeted = name == "ensemble" or args.target != "none"
@@ -454,7 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--clip-min", type=float, default=0.0)
     s.add_argument("--clip-max", type=float, default=10.0)
     s.add_argument("--prune-frac", type=float, default=0.02, help="AWR/AAR: fraction pruned per iteration")
-    s.add_argument("--batch-size", type=int, default=128, help="images routed at once per device (bounds memory)")
+    s.add_argument("--batch-size", type=int, default=None,
+                   help="images routed at once per device (bounds memory); default 32 on a CPU, where one "
+                        "device per core routes fastest at small batches (benchmarks/README.md), 256 on a "
+                        "GPU/TPU")
     s.add_argument("--shard-size", type=int, default=1024, help="images per output shard (multiple of batch)")
     s.add_argument("--memory-budget", help="e.g. 2GB: choose the per-device batch size to fit this much memory "
                                            "(overrides --batch-size; shard size is rounded up to a multiple)")

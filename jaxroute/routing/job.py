@@ -47,7 +47,7 @@ from jaxroute.routing.baselines import prune_route, weight_l1_scores
 from jaxroute.routing.dgr import DGRConfig, dgr_route
 from jaxroute.routing.metrics import routing_metrics
 from jaxroute.utils.conv_grads import loop_friendly
-from jaxroute.utils.devices import batch_sharding, shard_batch
+from jaxroute.utils.devices import batch_sharding, map_batches, shard_batch
 from jaxroute.utils.io import atomic_save_npz, atomic_write_text
 
 METHODS = ("dgr", "awr", "aar")
@@ -115,32 +115,15 @@ def make_router(loaded, method: str, dgr: DGRConfig = DGRConfig(), prune_frac: f
 
 
 def route_array(router: Callable, x, batch_size: int) -> dict[str, np.ndarray]:
-    """Route an array of any length in fixed-shape batches (the last one padded).
+    """Route an array of any length in fixed-shape batches (:func:`jaxroute.utils.devices.map_batches`).
 
     With one compiled batch shape, a sample's gates do not depend on which
     other samples share its batch, nor on its position: routing it alone
     (padded) or inside a full batch gives bit-identical results.  Across
     *different* compiled batch shapes XLA may pick other kernels, and the
     float-rounding differences can grow over DGR's 30 steps for some samples.
-
-    Each batch is split over all local devices when ``batch_size`` is a
-    multiple of their count (one device per core is the fast setup on a
-    CPU, see :mod:`jaxroute.utils.devices`), else it runs on one device.
     """
-    x = np.asarray(x)
-    n = len(x)
-    sharding = batch_sharding() if batch_size % jax.local_device_count() == 0 else None
-    out: dict[str, list] = {}
-    for lo in range(0, n, batch_size):
-        chunk = x[lo : lo + batch_size]
-        nv = len(chunk)
-        if nv < batch_size:
-            chunk = np.concatenate([chunk, np.zeros((batch_size - nv, *x.shape[1:]), x.dtype)])
-        if sharding is not None:
-            chunk = shard_batch(chunk, sharding)
-        for k, v in jax.device_get(router(chunk)).items():
-            out.setdefault(k, []).append(np.asarray(v)[:nv])
-    return {k: np.concatenate(v) for k, v in out.items()}
+    return map_batches(lambda i, xb: router(xb), (x,), batch_size)
 
 
 def batch_size_for_memory(router: Callable, input_shape, budget_bytes: int, probes=(8, 32)) -> int:

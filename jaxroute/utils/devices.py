@@ -61,3 +61,45 @@ def shard_batch(x, sharding: NamedSharding | None = None) -> jax.Array:
         raise ValueError(f"a batch of {x.shape[0]} cannot be split evenly over {n} devices; "
                          f"use a multiple of {n}")
     return jax.device_put(x, sharding)
+
+
+def map_batches(fn, arrays: Sequence, batch_size: int):
+    """Run ``fn`` over fixed-shape batches of ``arrays``, split over the local devices; keep the real rows.
+
+    ``arrays`` share a leading axis N (an entry may be None: passed through as
+    None).  ``fn(batch_index, *batch_arrays)`` returns a pytree of arrays whose
+    leading axis is ``batch_size * r`` -- r outputs per input row, sample-major
+    (r = 1 for routing and most attacks, k for the ensemble attack).  Every
+    batch has ``batch_size`` rows so a jitted ``fn`` compiles once: the last one
+    repeats its last real row (in-distribution, so value checks pass), and the
+    rows it adds are dropped from the result.  Batches are split over all local
+    devices when ``batch_size`` is a multiple of their count (the fast setup on
+    a CPU, :func:`cpu_devices_per_core`), else they run on the default device.
+    ``batch_index`` lets ``fn`` derive per-batch PRNG keys (``jax.random.fold_in``).
+    Returns the pytree of concatenated numpy arrays.
+    """
+    arrays = [None if a is None else np.asarray(a) for a in arrays]
+    present = [a for a in arrays if a is not None]
+    if not present:
+        raise ValueError("map_batches needs at least one array")
+    n = len(present[0])
+    if any(len(a) != n for a in present):
+        raise ValueError(f"arrays differ in length: {[len(a) for a in present]}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    sharding = batch_sharding() if batch_size % jax.local_device_count() == 0 else None
+    outs = []
+    for i, lo in enumerate(range(0, n, batch_size)):
+        nv = min(batch_size, n - lo)
+        batch = []
+        for a in arrays:
+            if a is None:
+                batch.append(None)
+                continue
+            b = a[lo:lo + batch_size]
+            if nv < batch_size:
+                b = np.concatenate([b, np.repeat(b[-1:], batch_size - nv, axis=0)])
+            batch.append(shard_batch(b, sharding) if sharding is not None else b)
+        res = jax.device_get(fn(i, *batch))
+        outs.append(jax.tree.map(lambda v: np.asarray(v)[: nv * (np.shape(v)[0] // batch_size)], res))
+    return jax.tree.map(lambda *vs: np.concatenate(vs), *outs)

@@ -491,6 +491,8 @@ WORKERS = {"matmul": worker_matmul, "jax": worker_jax, "job": worker_job, "torch
 
 
 def run_worker(cfg: dict) -> None:
+    if cfg.get("pin_cores"):  # before jax starts: XLA sizes its thread pool from the affinity mask
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: cfg["pin_cores"]])
     try:
         res = WORKERS[cfg["kind"]](cfg)
     except Exception as e:  # noqa: BLE001 - reported in the table, the run goes on
@@ -718,6 +720,12 @@ def _main(args, info, tmp, models, batch_sizes, other_bs, repeats, n_images, off
         run(f"{primary} jaxroute B={scaling_batch} on {nd} device(s)",
             {"kind": "jax", "model": primary, "batch": scaling_batch, "devices": nd, "repeats": repeats,
              "variant": "scaling"}, xla_devices=nd)
+    if hasattr(os, "sched_setaffinity"):
+        # Weak scaling with the hardware: N devices pinned to N cores, 16 images per device.
+        for nd in [d for d in devices if d <= ncores]:
+            run(f"{primary} jaxroute B={16 * nd} on {nd} device(s) pinned to {nd} core(s)",
+                {"kind": "jax", "model": primary, "batch": 16 * nd, "devices": nd, "repeats": repeats,
+                 "variant": "scaling, 1 core per device", "pin_cores": nd}, xla_devices=nd)
     job_rows = []
     from jaxroute.data.stored import save_stored_images
 

@@ -20,9 +20,12 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 def _cpu_devices_per_core() -> None:
     """On CPU, one JAX device per core (see :mod:`jaxroute.utils.devices`).
 
-    The route job splits each batch over all local devices; on the 2-core
-    development machine this routes ResNet-20 at 25.00 instead of 16.94
-    images/s (``benchmarks/README.md``), with bit-identical gates.  No effect on GPU/TPU devices.
+    The route job splits each batch over all local devices; on the project's
+    2-core machine this routes ResNet-20 at 26.90 instead of 16.52 images/s
+    (batch 128; ``benchmarks/README.md``, session 10).  How a batch is split
+    does not change a sample's gates; with at most one core per device the
+    16-channel convs are also computed over column pairs (faster, other float
+    rounding; :mod:`jaxroute.utils.conv_grads`).  No effect on GPU/TPU devices.
     JAXROUTE_CPU_DEVICES=N sets the count; an explicit
     --xla_force_host_platform_device_count in XLA_FLAGS wins.
     """

@@ -7,8 +7,8 @@ input with :func:`shard_batch`, and XLA runs one slice per device.
 On a CPU, XLA's default is ONE device whose operations are each split over
 all cores; many small convolutions then spend much of their time
 synchronising threads.  One device per core, each running its share of the
-batch, routed ResNet-20 with DGR at 25.00 images/s against 16.94 (batch 128,
-2-core machine; ``python -m benchmarks.routing``, ``benchmarks/README.md``).  :func:`cpu_devices_per_core` sets
+batch, routed ResNet-20 with DGR at 26.90 images/s against 16.52 (batch 128,
+2-core machine; ``python -m benchmarks.routing``, session 10, ``benchmarks/README.md``).  :func:`cpu_devices_per_core` sets
 that up; it must run before JAX starts its backends.
 """
 from __future__ import annotations

@@ -131,20 +131,20 @@ def _pair_kernel(w):
     return k.reshape(kh, 2, 2 * ci, 2 * co)
 
 
-def _pair_conv(x, w):
+def _pair_conv(x, w, precision=None):
     """SAME, stride-1 3x3 NHWC/HWIO conv computed over column pairs (see :func:`_pairable`).
 
     Padding one column on each side and reshaping (W + 2, C) -> ((W + 2) / 2, 2C)
     is free in memory order; the result, a VALID 3x2 conv, reshapes back for free.
     """
     b, h, wd, c = x.shape
-    # Zero columns by concatenation, not jnp.pad: XLA:CPU fuses the concatenate into the
-    # producing element-wise op at full speed; the pad fusion ran several times slower
-    # (6-conv stage in a scan, one core: 127 vs 141 ms).
+    # Zero columns by concatenation, not jnp.pad: the fused pads were among the slowest
+    # element-wise ops of a DGR step (6-conv 16-channel stage in a scan, one core: 127 ms with
+    # concatenate, 141 ms with pad).
     zero = jnp.zeros((b, h, 1, c), x.dtype)
     xp = jnp.concatenate([zero, x, zero], axis=2).reshape(b, h, wd // 2 + 1, 2 * c)
     y = lax.conv_general_dilated(xp, _pair_kernel(w), (1, 1), ((1, 1), (0, 0)),
-                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
     return y.reshape(b, h, wd, w.shape[3])
 
 
@@ -165,13 +165,14 @@ def _pairable(params, lhs, rhs) -> bool:
             and rhs.shape[:2] == (3, 3) and max(rhs.shape[2], rhs.shape[3]) <= 16 and lhs.shape[2] % 2 == 0
             and tuple(params["window_strides"]) == (1, 1)
             and tuple(map(tuple, params["padding"])) == ((1, 1), (1, 1))
-            and tuple(params["lhs_dilation"]) == (1, 1) and tuple(params["rhs_dilation"]) == (1, 1))
+            and tuple(params["lhs_dilation"]) == (1, 1) and tuple(params["rhs_dilation"]) == (1, 1)
+            and params.get("preferred_element_type") in (None, lhs.dtype))
 
 
 def _paired_conv(prim, params, lhs, rhs):
     @jax.custom_vjp
     def conv(lhs, rhs):
-        return _pair_conv(lhs, rhs)
+        return _pair_conv(lhs, rhs, params.get("precision"))
 
     def fwd(lhs, rhs):
         return conv(lhs, rhs), (lhs, rhs)
@@ -180,7 +181,7 @@ def _paired_conv(prim, params, lhs, rhs):
         lhs, rhs = res
         # The input gradient of a SAME stride-1 3x3 conv is the same kind of conv with the
         # flipped, in/out-swapped kernel, so it pairs the same way (and stays canonical).
-        dl = _pair_conv(g, jnp.swapaxes(rhs[::-1, ::-1], 2, 3))
+        dl = _pair_conv(g, jnp.swapaxes(rhs[::-1, ::-1], 2, 3), params.get("precision"))
         _, vjp_r = jax.vjp(lambda r: prim.bind(lhs, r, **params), rhs)
         return dl, vjp_r(g)[0]
 

@@ -27,17 +27,16 @@ import functools
 from typing import Callable
 
 from jaxroute.attacks.core import AttackResult, LogitsFn, check_images, check_labels, num_classes_of
-from jaxroute.attacks.cw import CWConfig, carlini_wagner_l2, cw_l2
+from jaxroute.attacks.cw import CWConfig, cw_l2
 from jaxroute.attacks.deepfool import DeepFoolConfig, deepfool
 from jaxroute.attacks.ensemble import EnsembleConfig, ensemble_attack, least_likely
 from jaxroute.attacks.gradient import (
-    BIMConfig, FGSMConfig, PGDConfig, bim, fgsm, iterative_fgsm, pgd,
+    BIMConfig, FGSMConfig, PGDConfig, bim, fgsm, pgd,
 )
 
 ATTACKS: dict[str, tuple[Callable, type]] = {
     "fgsm": (fgsm, FGSMConfig),
     "bim": (bim, BIMConfig),
-    "ifgsm": (bim, BIMConfig),
     "pgd": (pgd, PGDConfig),
     "deepfool": (deepfool, DeepFoolConfig),
     "cw": (cw_l2, CWConfig),
@@ -100,6 +99,6 @@ def make_attack(name: str, logits_fn: LogitsFn | tuple, jit: bool = True, **conf
 
 __all__ = [
     "ATTACKS", "AttackResult", "BIMConfig", "CWConfig", "DeepFoolConfig", "EnsembleConfig",
-    "FGSMConfig", "LogitsFn", "PGDConfig", "bim", "carlini_wagner_l2", "cw_l2", "deepfool",
-    "ensemble_attack", "fgsm", "iterative_fgsm", "least_likely", "make_attack", "pgd",
+    "FGSMConfig", "LogitsFn", "PGDConfig", "bim", "cw_l2", "deepfool",
+    "ensemble_attack", "fgsm", "least_likely", "make_attack", "pgd",
 ]

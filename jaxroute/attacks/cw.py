@@ -175,5 +175,3 @@ def cw_l2(logits_fn: LogitsFn, x: jax.Array, config: CWConfig | None = None, *,
     adv = jnp.where(bcast(found, x), best_adv, x)
     return finish(logits_fn, x, adv, label, target, iterations=iters)
 
-
-carlini_wagner_l2 = cw_l2

@@ -132,8 +132,6 @@ def bim(logits_fn: LogitsFn, x: jax.Array, config: BIMConfig | None = None, *,
     return finish(logits_fn, x, adv, label, target)
 
 
-iterative_fgsm = bim
-
 
 # --------------------------------------------------------------------------
 # PGD

@@ -132,7 +132,6 @@ def bim(logits_fn: LogitsFn, x: jax.Array, config: BIMConfig | None = None, *,
     return finish(logits_fn, x, adv, label, target)
 
 
-
 # --------------------------------------------------------------------------
 # PGD
 # --------------------------------------------------------------------------

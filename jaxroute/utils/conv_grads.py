@@ -169,43 +169,36 @@ def _pairable(params, lhs, rhs) -> bool:
             and params.get("preferred_element_type") in (None, lhs.dtype))
 
 
-def _paired_conv(prim, params, lhs, rhs):
-    @jax.custom_vjp
-    def conv(lhs, rhs):
-        return _pair_conv(lhs, rhs, params.get("precision"))
-
-    def fwd(lhs, rhs):
-        return conv(lhs, rhs), (lhs, rhs)
-
-    def bwd(res, g):
-        lhs, rhs = res
-        # The input gradient of a SAME stride-1 3x3 conv is the same kind of conv with the
-        # flipped, in/out-swapped kernel, so it pairs the same way (and stays canonical).
-        dl = _pair_conv(g, jnp.swapaxes(rhs[::-1, ::-1], 2, 3), params.get("precision"))
-        _, vjp_r = jax.vjp(lambda r: prim.bind(lhs, r, **params), rhs)
-        return dl, vjp_r(g)[0]
-
-    conv.defvjp(fwd, bwd)
-    return conv(lhs, rhs)
-
-
 def _conv(prim, params, lhs, rhs, pair: bool):
+    """The conv ``prim.bind(lhs, rhs, **params)`` with a canonical input gradient (paired if ``pair``)."""
+    precision = params.get("precision")
     if pair and _pairable(params, lhs, rhs):
-        return _paired_conv(prim, params, lhs, rhs)
+        def forward(lhs, rhs):
+            return _pair_conv(lhs, rhs, precision)
+
+        def lhs_grad(g, lhs, rhs):
+            # The input gradient of a SAME stride-1 3x3 conv is the same kind of conv with the
+            # flipped, in/out-swapped kernel, so it pairs the same way (and stays canonical).
+            return _pair_conv(g, jnp.swapaxes(rhs[::-1, ::-1], 2, 3), precision)
+    else:
+        def forward(lhs, rhs):
+            return prim.bind(lhs, rhs, **params)
+
+        def lhs_grad(g, lhs, rhs):
+            return _lhs_grad(g, lhs.shape, rhs, params).astype(lhs.dtype)
 
     @jax.custom_vjp
     def conv(lhs, rhs):
-        return prim.bind(lhs, rhs, **params)
+        return forward(lhs, rhs)
 
     def fwd(lhs, rhs):
         return conv(lhs, rhs), (lhs, rhs)
 
     def bwd(res, g):
         lhs, rhs = res
-        dl = _lhs_grad(g, lhs.shape, rhs, params).astype(lhs.dtype)
         # The kernel gradient by JAX's own rule; dropped (and removed by XLA) when unused.
         _, vjp_r = jax.vjp(lambda r: prim.bind(lhs, r, **params), rhs)
-        return dl, vjp_r(g)[0]
+        return lhs_grad(g, lhs, rhs), vjp_r(g)[0]
 
     conv.defvjp(fwd, bwd)
     return conv(lhs, rhs)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .core import Dataset
+from .stored import unit_float
 
 META = "batches.meta"
 SPLIT_FILES = {
@@ -77,6 +78,4 @@ def load_cifar_pickle_uint8(root, split: str = "test", limit: int | None = None)
 
 def load_cifar_pickle(root, split: str = "test", limit: int | None = None) -> Dataset:
     images, labels, names = load_cifar_pickle_uint8(root, split, limit)
-    x = images.astype(np.float32)
-    x /= np.float32(255.0)
-    return Dataset(x, labels, names, f"{Path(root).name}:{split}")
+    return Dataset(unit_float(images), labels, names, f"{Path(root).name}:{split}")

@@ -14,7 +14,7 @@ from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from .stored import StoredImages, read_rows
+from .stored import StoredImages, read_rows, unit_float
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -104,7 +104,7 @@ def as_dataset(images, labels, class_names: Sequence[str] | None = None, name: s
     if images.ndim != 4:
         raise ValueError(f"images must have shape (N, H, W, C), got shape {images.shape}")
     if images.dtype == np.uint8:
-        images = images.astype(np.float32) / np.float32(255.0)
+        images = unit_float(images)
     elif np.issubdtype(images.dtype, np.floating):
         if np.isnan(images).any():
             bad = np.argwhere(np.isnan(images))[0]

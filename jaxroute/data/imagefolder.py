@@ -24,7 +24,7 @@ import numpy as np
 from jaxroute.utils.io import atomic_save_npz
 
 from .core import Dataset
-from .stored import StoredImages, save_stored_images
+from .stored import StoredImages, save_stored_images, unit_float
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 LAYOUT = "ROOT/<split>/<class>/*.jpg|*.jpeg|*.png"
@@ -266,6 +266,5 @@ def load_imagefolder(root, split: str = "test", limit: int | None = None, cache_
         if stream:
             warnings.warn(f"stream=True needs the ImageFolder cache (use_cache=False or an unwritable cache "
                           f"dir); holding the {len(pixels)} images of {root} in memory", RuntimeWarning, 2)
-        images = pixels.astype(np.float32)
-        images /= np.float32(255.0)
+        images = unit_float(pixels)
     return Dataset(images, labels, class_names, f"{Path(root).name}:{split}")

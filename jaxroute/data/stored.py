@@ -21,6 +21,13 @@ from jaxroute.utils.io import atomic_write_with
 _CRC_CHUNK = 1 << 24  # bytes per read while checking a file's CRC
 
 
+def unit_float(pixels: np.ndarray) -> np.ndarray:
+    """uint8 pixels 0..255 as float32 in [0, 1]: the one conversion every data source uses."""
+    x = pixels.astype(np.float32)
+    x /= np.float32(255.0)
+    return x
+
+
 def save_stored_images(path, images: np.ndarray) -> int:
     """Write uint8 (N, H, W, C) ``images`` as a ``.npy`` atomically; returns the CRC-32 of the pixel bytes."""
     images = np.ascontiguousarray(images)
@@ -98,9 +105,7 @@ class StoredImages:
 
     def read(self) -> np.ndarray:
         """The rows of this view as float32 (n, H, W, C) in [0, 1]."""
-        x = self.read_uint8().astype(np.float32)
-        x /= np.float32(255.0)
-        return x
+        return unit_float(self.read_uint8())
 
     def read_uint8(self) -> np.ndarray:
         """The rows of this view as stored: uint8 (n, H, W, C)."""

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .core import Dataset
+from .stored import unit_float
 
 ARRAY_RECORD = "array_record"
 _CHUNK = 1024
@@ -119,8 +120,7 @@ def _to_dataset(source, info, name: str, split: str, limit: int | None) -> Datas
     x = np.stack(images)
     if x.ndim == 3:
         x = x[..., None]
-    x = x.astype(np.float32)
-    x /= np.float32(255.0)
+    x = unit_float(x)
     if isinstance(label_feat, tfds.features.ClassLabel):
         class_names = tuple(label_feat.names)
     else:

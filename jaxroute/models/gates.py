@@ -62,6 +62,18 @@ class GateSpec:
         """(D,) int array: the gate-point index of every CDRP entry."""
         return np.repeat(np.arange(len(self.names)), self.channels)
 
+    def split(self, flat) -> dict:
+        """Cut a flat CDRP (..., D) into ``{gate_point: (..., C)}`` in forward order.
+
+        Works on numpy and JAX arrays alike (plain slicing): the one place a
+        flat path is cut into layers.
+        """
+        d = np.shape(flat)[-1]
+        if d != self.size:
+            raise ValueError(f"flat gate vector has {d} entries, the model's CDRP has {self.size} "
+                             f"({len(self)} gate points)")
+        return {n: flat[..., o : o + c] for n, c, o in zip(self.names, self.channels, self.offsets)}
+
 
 def check_gates(spec: GateSpec, gates: Mapping | None, batch: int | None = None) -> None:
     """Raise a ValueError naming every mismatch between ``gates`` and ``spec``.
@@ -113,15 +125,7 @@ def flatten_gates(spec: GateSpec, gates: Mapping) -> jax.Array:
 
 def unflatten_gates(spec: GateSpec, flat) -> GateTree:
     """Inverse of :func:`flatten_gates` for a (D,) or (B, D) array."""
-    flat = jnp.asarray(flat)
-    if flat.shape[-1] != spec.size:
-        raise ValueError(
-            f"flat gate vector has {flat.shape[-1]} entries, the model's CDRP has {spec.size}"
-        )
-    out = {}
-    for name, c, o in zip(spec.names, spec.channels, spec.offsets):
-        out[name] = flat[..., o : o + c]
-    return out
+    return spec.split(jnp.asarray(flat))
 
 
 def apply_gate(x: jax.Array, g: jax.Array | None) -> jax.Array:

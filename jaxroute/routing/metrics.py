@@ -17,8 +17,7 @@ def sparsity(cdrp: np.ndarray) -> np.ndarray:
 
 
 def layer_sparsity(cdrp: np.ndarray, spec: GateSpec) -> dict[str, float]:
-    cdrp = np.asarray(cdrp)
-    return {n: float(np.mean(cdrp[:, o : o + c] > 0)) for n, c, o in zip(spec.names, spec.channels, spec.offsets)}
+    return {n: float(np.mean(g > 0)) for n, g in spec.split(np.asarray(cdrp)).items()}
 
 
 def routing_metrics(cdrp, full_logits, gated_logits, labels, spec: GateSpec | None = None) -> dict:

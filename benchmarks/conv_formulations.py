@@ -11,13 +11,15 @@ per image, the work of a direct conv, whatever a formulation really does) of
 the forward and of the input gradient for:
 
 * ``native``: ``lax.conv_general_dilated``; input gradient with a canonical
-  kernel, as :mod:`jaxroute.utils.conv_grads` computes it (what jaxroute runs);
+  kernel, as :mod:`jaxroute.utils.conv_grads` computes it (what jaxroute runs
+  for every conv it does not pair);
 * ``im2col``: 9 shifted slices concatenated on channels, one matmul; its
   gradient is the transposed matmul plus a scatter-add of the 9 slices;
 * ``kw-fold`` (16-channel layers): the 3 horizontal taps folded into input
   channels, a 3x1 conv over 48 channels (identical FLOPs);
 * ``pair`` (16-channel layers): columns paired by a free reshape, a 3x2 conv
-  over 32 channels (4/3 of the FLOPs);
+  over 32 channels (4/3 of the FLOPs); zero columns from ``jnp.pad`` and the
+  input gradient by JAX's transpose of the pair conv;
 * ``grouped`` (16-channel layers): two images folded into the channels of one
   grouped conv (identical FLOPs);
 * ``polyphase`` (stride-2 input gradients): one 2x2 conv to 4x channels and
@@ -27,8 +29,12 @@ Why these: XLA:CPU hands a conv to its fast library (YNNPACK) only when
 max(C_in, C_out) > 16 and there is no base dilation; the other convs (ResNet's
 16-channel stage, stride-2 input gradients) run on Eigen at about half the
 speed.  Each alternative reshapes the problem to pass that test.  The result
-(``benchmarks/README.md``): none beat ``native`` -- YNNPACK itself is slow at
-16 output channels, and the reshuffles cost what they save.
+(``benchmarks/README.md``, "What was tried" 4 and 8): in isolation kw-fold and
+pair beat ``native`` on the 16-channel layers, im2col and grouped lose; end to
+end none of them wins as built here, because the reshuffles cost what the
+faster kernels save.  Column pairing pays off once its input gradient uses the
+same pair construction and its zero columns come from a concatenate, which is
+how :mod:`jaxroute.utils.conv_grads` builds it.
 """
 from __future__ import annotations
 

@@ -226,7 +226,7 @@ def test_torch_to_flax_direct(ref):
 # ---------------------------------------------------------------- full test-set accuracy
 
 # Both full-test-set checks together take ~40 s on 2 CPU cores (ResNet-20 ~12 s,
-# ResNet-32 ~26 s, JPEG decoding ~2 s once per session), so both run by default.
+# ResNet-32 ~26 s, JPEG decoding ~2 s once per pytest session), so both run by default.
 def _accuracy(loaded: LoadedModel, x_u8: np.ndarray, y: np.ndarray, batch: int = 500):
     @jax.jit
     def logits_fn(v, xb):

@@ -174,9 +174,9 @@ def build_model(depth: int, checkpoint=None, flax_variables=None, channels_last:
 
 
 def to_torch_input(x_nhwc: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                   channels_last: bool = False) -> torch.Tensor:
-    """NHWC pixel-space [0, 1] numpy images -> normalized NCHW torch tensor."""
-    x = (np.asarray(x_nhwc, np.float32) - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+                   channels_last: bool = False, dtype=np.float32) -> torch.Tensor:
+    """NHWC pixel-space [0, 1] numpy images -> normalized NCHW torch tensor of ``dtype``."""
+    x = (np.asarray(x_nhwc, dtype) - np.asarray(mean, dtype)) / np.asarray(std, dtype)
     t = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
     return t.contiguous(memory_format=torch.channels_last) if channels_last else t
 
@@ -242,11 +242,11 @@ def dgr_batched(model: GatedCifarResNet, x: torch.Tensor, steps: int = 30, lr: f
         full = model(x)
         p = F.softmax(full, dim=-1)
         pred = full.argmax(-1)
-    ones = torch.ones(b, d)
+    ones = torch.ones(b, d, dtype=x.dtype)
     gates = ones.clone().requires_grad_(True)
     opt = torch.optim.SGD([gates], lr=lr, momentum=momentum)
     best_g, best_logits = ones.clone(), full.clone()
-    best_loss = torch.full((b,), float("inf"))
+    best_loss = torch.full((b,), float("inf"), dtype=x.dtype)
     found = torch.zeros(b, dtype=torch.bool)
 
     def consider(g, logits):

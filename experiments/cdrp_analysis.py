@@ -53,9 +53,7 @@ adversarials, training-free one-number scores, dense-path statistics.
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
-import functools
 import json
 import sys
 import time
@@ -64,9 +62,20 @@ from typing import Callable
 
 import numpy as np
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-CLASSIFIER_NAMES = {"random_forest": "random forest", "adaboost": "AdaBoost", "gradient_boosting": "gradient boosting"}
-FEATURES = {"cdrp": "CDRP", "features": "penultimate activations"}
+from jaxroute.analysis import (
+    attack_correlations, centroid_distance, choose_pairs, class_paths_from, cluster_class, cluster_summary, dense,
+    depth_trend, derangement, embed_layers, layer_clustering_scores, layer_correlations, neighbour_fraction,
+    path_stats, per_class_counts, wordnet_distances,
+)
+from jaxroute.analysis.plots import plot_clusters, plot_correlations, plot_embeddings, plot_layer_scores
+from jaxroute.detection import evaluate_protocol, scalar_aucs
+from jaxroute.detection.plots import CLASSIFIER_LABELS, FEATURE_LABELS, plot_detection
+from jaxroute.models.gates import GateSpec
+from jaxroute.utils.cache import Timings, check_cache_config
+from jaxroute.utils.io import atomic_write_json, atomic_write_text, compact_png
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"  # default data: ../shared beside the repository
+CACHED_STAGES = ("attack", "route", "detection")  # timed stages whose results the cache keeps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,202 +117,48 @@ class Config:
         return {f: getattr(self, f) for f in self.CACHE_FIELDS}
 
 
-# --------------------------------------------------------------------------- small pure pieces
-def wordnet_distances(wordnet_dir, class_names) -> tuple[np.ndarray, list[str], list[list[str]]]:
-    """(K, K) WordNet path lengths between the classes' noun synsets, the wnids, and the
-    lowest common hypernym (wnid, words) of each pair.
-
-    Path length = min over common hypernyms c of d(a, c) + d(b, c), with d the number
-    of is-a edges (the DAG's shortest hypernym paths; NLTK's ``shortest_path_distance``
-    for nouns).  Reads ``cifar10_wnids.tsv`` (class -> wnid), ``wordnet.is_a.txt``
-    (parent child) and ``words.txt``.
-    """
-    root = Path(wordnet_dir)
-    for f in ("cifar10_wnids.tsv", "wordnet.is_a.txt", "words.txt"):
-        if not (root / f).is_file():
-            raise FileNotFoundError(f"WordNet file {root / f} is missing")
-    rows = [line.rstrip("\n").split("\t") for line in (root / "cifar10_wnids.tsv").read_text().splitlines()[1:]]
-    wnid_of = {r[1]: r[2] for r in rows if len(r) >= 3}
-    missing = [c for c in class_names if c not in wnid_of]
-    if missing:
-        raise ValueError(f"classes {missing} have no synset in {root / 'cifar10_wnids.tsv'}")
-    parents = collections.defaultdict(set)
-    for line in (root / "wordnet.is_a.txt").read_text().splitlines():
-        p, c = line.split()
-        parents[c].add(p)
-    words = dict(line.split("\t", 1) for line in (root / "words.txt").read_text().splitlines() if "\t" in line)
-
-    def ancestors(w):  # BFS upward: shortest hypernym distance to every ancestor (and itself)
-        d, q = {w: 0}, collections.deque([w])
-        while q:
-            u = q.popleft()
-            for v in parents[u]:
-                if v not in d:
-                    d[v] = d[u] + 1
-                    q.append(v)
-        return d
-
-    wnids = [wnid_of[c] for c in class_names]
-    anc = [ancestors(w) for w in wnids]
-    k = len(wnids)
-    dist = np.zeros((k, k), int)
-    lch = [[""] * k for _ in range(k)]
-    for i in range(k):
-        for j in range(k):
-            common = set(anc[i]) & set(anc[j])
-            if not common:
-                raise ValueError(f"synsets {wnids[i]} and {wnids[j]} share no hypernym")
-            c = min(sorted(common), key=lambda c: anc[i][c] + anc[j][c])
-            dist[i, j] = anc[i][c] + anc[j][c]
-            lch[i][j] = f"{c} ({words.get(c, '?').split(',')[0]})"
-    return dist, wnids, lch
-
-
-def choose_pairs(dist: np.ndarray) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(closest, farthest) class pair (i < j) by WordNet path length; ties go to the lowest (i, j)."""
-    k = len(dist)
-    pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
-    close = min(pairs, key=lambda p: (dist[p], p))
-    far = min(pairs, key=lambda p: (-dist[p], p))
-    return close, far
-
-
-def derangement(k: int, seed: int) -> np.ndarray:
-    """A random permutation of range(k) without fixed points (every class gets another target)."""
-    if k < 2:
-        raise ValueError("a derangement needs at least 2 classes")
-    rng = np.random.default_rng(seed)
-    while True:
-        p = rng.permutation(k)
-        if np.all(p != np.arange(k)):
-            return p
-
-
-def per_class_counts(labels, k) -> np.ndarray:
-    return np.bincount(np.asarray(labels), minlength=k)
-
-
-def compact_png(path: Path, colors: int = 256) -> None:
-    """Re-save a PNG with an adaptive 256-colour palette (3-4x smaller; plots and 32x32 photos
-    survive it), atomically."""
-    import io
-
-    from PIL import Image
-
-    from jaxroute.utils.io import atomic_write_bytes
-
-    with Image.open(path) as im:
-        q = im.convert("RGB").quantize(colors=colors, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
-    buf = io.BytesIO()
-    q.save(buf, format="PNG", optimize=True)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def _atomic_json(path: Path, obj) -> None:
-    from jaxroute.utils.io import atomic_write_text
-
-    atomic_write_text(path, json.dumps(obj, indent=1, default=_jsonable))
-
-
-def _jsonable(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-class Timings:
-    """Seconds per stage in this invocation; the cached stages (attack, route) are also summed
-    over invocations in ``cache/timings.json``, so a resumed run reports what building its cache
-    cost in all."""
-
-    CACHED = ("attack", "route", "detection")
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.total = json.loads(path.read_text()) if path.exists() else {}
-        self.now: dict[str, float] = {}
-
-    def add(self, stage: str, seconds: float) -> None:
-        self.now[stage] = self.now.get(stage, 0.0) + seconds
-        if stage in self.CACHED:
-            self.total[stage] = self.total.get(stage, 0.0) + seconds
-            _atomic_json(self.path, self.total)
-
-
-def check_cache_config(cache: Path, cfg: Config) -> None:
-    """Refuse a cache written with other arguments; write the config for a new one."""
-    path = cache / "config.json"
-    key = json.loads(json.dumps(cfg.cache_key(), default=_jsonable))
-    if path.exists():
-        old = json.loads(path.read_text())
-        if old != key:
-            diff = {k: (old.get(k), v) for k, v in key.items() if old.get(k) != v}
-            raise ValueError(f"{cache} holds results of other arguments {diff}; use another --out, "
-                             "or delete that cache folder to start over")
-    else:
-        _atomic_json(path, key)
-
-
 # --------------------------------------------------------------------------- attacks and routing
-def attack_arrays(attack: Callable, images: np.ndarray, labels: np.ndarray, target: np.ndarray | None,
-                  global_batch: int) -> dict[str, np.ndarray]:
-    """Run a ``make_attack`` attack over an array in fixed-shape batches split over the local devices."""
-    from jaxroute.utils.devices import map_batches
+def cached_attack(model, adv_dir: Path, name: str, images, labels, targets, orig_index, config, class_names,
+                  batch_size: int, log) -> dict[str, np.ndarray]:
+    """I-FGSM adversarials of a set, saved as the routable ``adv_dir/name.npz`` (reused when it exists)."""
+    from jaxroute.attacks import attack_dataset
+    from jaxroute.data import save_arrays_split
+    from jaxroute.data.arrays import arrays_split_path
 
-    def run(i, x, y, t):
-        r = attack(x, label=np.asarray(y, np.int32), target=None if t is None else np.asarray(t, np.int32))
-        return {"images": r.adv, "adv_pred": r.adv_pred, "success": r.success, "linf": r.linf, "l2": r.l2}
-
-    out = map_batches(run, (images, labels, target), global_batch)
-    out["images"] = out["images"].astype(np.float32)
-    return out
-
-
-def cached_attack(path: Path, make: Callable[[], dict], log) -> dict[str, np.ndarray]:
-    """Load ``path`` if it exists, else compute ``make()`` and save it atomically."""
-    from jaxroute.utils.io import atomic_save_npz
-
-    if path.exists():
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    arrays = make()
-    atomic_save_npz(path, **arrays)
-    log(f"saved {path} ({len(arrays['labels'])} adversarial images, success {arrays['success'].mean():.3f})")
-    return arrays
+    path = arrays_split_path(adv_dir, name)
+    if not path.exists():
+        a = attack_dataset(model.logits, images, labels, attack="bim", config=config,
+                           targets="none" if targets is None else targets, batch_size=batch_size)
+        a["orig_index"] = np.asarray(orig_index, np.int64)
+        save_arrays_split(adv_dir, name, a.pop("images"), a.pop("labels"), class_names, **a)
+        log(f"saved {path} ({len(labels)} adversarial images, success {a['success'].mean():.3f})")
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
 
 
-def route_cached(loaded, images, labels, class_names, out_dir: Path, cfg: Config, data: str, split: str,
+def route_cached(model, images, labels, class_names, out_dir: Path, cfg: Config, data: str, split: str,
                  limit: int | None, log) -> tuple[dict[str, np.ndarray], dict]:
     """DGR-route a set through the resumable extraction job (shards under ``out_dir``)."""
     import jax
 
     from jaxroute.data import Dataset
-    from jaxroute.routing import DGRConfig
-    from jaxroute.routing.job import RouteJob, load_shards, run_route_job
+    from jaxroute.extraction import load_shards, plan_batches
+    from jaxroute.routing import DGRConfig, route_dataset
 
-    ndev = jax.local_device_count()
-    job = RouteJob(model="resnet20", weights=cfg.weights, data=data, split=split, limit=limit, method="dgr",
-                   dgr=DGRConfig(steps=cfg.dgr_steps), batch_size=cfg.batch_size,
-                   shard_size=cfg.batch_size * ndev * 4)
     ds = Dataset(np.asarray(images, np.float32), np.asarray(labels, np.int32), tuple(class_names), split)
-    summary = run_route_job(loaded, ds, out_dir, job, progress=False, log=log)
+    plan = plan_batches(len(ds.images), cfg.batch_size, cfg.batch_size * jax.local_device_count() * 4)
+    summary = route_dataset(model, ds, out_dir, plan=plan, config=DGRConfig(steps=cfg.dgr_steps),
+                            source={"weights": cfg.weights, "data": data, "split": split, "limit": limit},
+                            progress=False, log=log)
     return load_shards(out_dir), summary
 
 
-# --------------------------------------------------------------------------- analyses (numpy / sklearn)
 def analyse_layers(real: dict, spec, class_names, out: Path, seed: int, tsne: bool = True) -> dict:
     """Fig. 4 / Fig. 5: per-layer clustering scores (true labels; V-measure also vs predictions)
     and t-SNE of every layer's gates; whole-CDRP scores as a reference row."""
-    from scipy.stats import spearmanr
-
-    from jaxroute.analysis import embed_layers, layer_clustering_scores, plot_embeddings, plot_layer_scores
-    from jaxroute.models.gates import GateSpec
-
     cdrp, labels, pred = real["cdrp"], real["label"], real["pred"]
     rows = layer_clustering_scores(cdrp, labels, spec, seed=seed, other_labels={"pred": pred})
-    keep = ~np.all(cdrp > 0, axis=1)  # without the dense paths (see ``dense``)
+    keep = ~dense(real)  # the scores once more without the dense paths
     enough = len(np.unique(labels[keep])) == len(np.unique(labels)) and keep.sum() > 2 * len(np.unique(labels))
     if enough:
         for row, r2 in zip(rows, layer_clustering_scores(cdrp[keep], labels[keep], spec, seed=seed)):
@@ -313,21 +168,10 @@ def analyse_layers(real: dict, spec, class_names, out: Path, seed: int, tsne: bo
     if enough:
         whole["kmeans_v_measure_without_dense"] = layer_clustering_scores(cdrp[keep], labels[keep], whole_spec,
                                                                           seed=seed)[0]["kmeans_v_measure"]
-    depth = np.arange(len(rows))
     inner = np.array([r["layer"].endswith(".conv1") for r in rows])  # ResNet: gates inside a residual block
-    trend = {}
-    for key in ("kmeans_v_measure", "agglomerative_v_measure", "kmeans_v_measure_pred",
-                "kmeans_v_measure_without_dense")[:4 if enough else 3]:
-        v = np.array([r[key] for r in rows])
-        trend[key] = {}
-        for part, sel in (("all layers", np.ones(len(rows), bool)), ("block outputs", ~inner),
-                          ("inside blocks", inner)):
-            if sel.sum() >= 3:
-                if np.ptp(v[sel]) == 0:  # constant scores: no rank correlation
-                    trend[key][part] = {"spearman_rho": None, "p_value": None, "layers": int(sel.sum())}
-                    continue
-                rho, p = spearmanr(depth[sel], v[sel])
-                trend[key][part] = {"spearman_rho": float(rho), "p_value": float(p), "layers": int(sel.sum())}
+    trend = depth_trend(rows, ("kmeans_v_measure", "agglomerative_v_measure", "kmeans_v_measure_pred",
+                               "kmeans_v_measure_without_dense")[:4 if enough else 3],
+                        {"all layers": np.ones(len(rows), bool), "block outputs": ~inner, "inside blocks": inner})
     plot_layer_scores(rows, out / "layer_scores.png",
                       f"ResNet-20 / CIFAR-10: clustering of each layer's gates ({len(labels)} test images, K=10)",
                       dpi=90)
@@ -336,24 +180,14 @@ def analyse_layers(real: dict, spec, class_names, out: Path, seed: int, tsne: bo
     if tsne:
         t0 = time.perf_counter()
         emb = embed_layers(cdrp, spec, method="tsne", seed=seed)
-        dn = ~keep
-        if dn.any() and keep.any():
-            from sklearn.neighbors import NearestNeighbors
-
-            # are the dense paths one group in the embedding? fraction of their 10 nearest
-            # t-SNE neighbours that are dense paths too (vs the dense fraction overall)
-            res_nn = {}
-            for name, xy in emb.items():
-                idx = NearestNeighbors(n_neighbors=11).fit(xy).kneighbors(xy, return_distance=False)[:, 1:]
-                res_nn[name] = float(dn[idx][dn].mean())
-            res_dense_nn = res_nn
-        else:
-            res_dense_nn = None
+        # are the dense paths one group in the embedding? (vs the dense fraction overall)
+        dense_nn = ({name: neighbour_fraction(xy, ~keep) for name, xy in emb.items()}
+                    if (~keep).any() and keep.any() else None)
         plot_embeddings(emb, labels, class_names, out / "layers_tsne.png",
                         f"t-SNE of each gate layer's gates ({len(labels)} real test images, coloured by true class)",
                         cols=5, panel=2.3, dpi=80)
         res["tsne_seconds"] = time.perf_counter() - t0
-        res["tsne_dense_neighbour_fraction"] = res_dense_nn
+        res["tsne_dense_neighbour_fraction"] = dense_nn
     try:
         import umap  # noqa: F401
         res["umap"] = "installed but not run (t-SNE only)"
@@ -366,8 +200,6 @@ def analyse_intra(sets: list[tuple[dict, np.ndarray]], class_names, out: Path, c
                   per_cluster: int) -> list[dict]:
     """Fig. 6 / 7: per class, agglomerative (Ward) clusters of whole CDRPs of its real images,
     one image grid per class (most typical first, misclassified images framed red)."""
-    from jaxroute.analysis import centroid_distance, cluster_class, cluster_summary, plot_clusters
-
     cdrp = np.concatenate([s["cdrp"] for s, _ in sets])
     labels = np.concatenate([s["label"] for s, _ in sets])
     pred = np.concatenate([s["pred"] for s, _ in sets])
@@ -398,61 +230,8 @@ def analyse_intra(sets: list[tuple[dict, np.ndarray]], class_names, out: Path, c
     return res
 
 
-def dense(d: dict) -> np.ndarray:
-    """Images whose kept gates are all > 0: DGR's lowest-loss prediction-keeping iterate was an early,
-    dense one (not a fallback: the gates are not all ones)."""
-    return np.all(d["cdrp"] > 0, axis=1)
-
-
-def path_stats(d: dict) -> dict:
-    """Dense-path fraction, the model's accuracy on dense vs other paths, and how many kept gate
-    sets have a loss above 1,000 (gated logits blown up by gates near the clip maximum)."""
-    dn, correct = dense(d), d["pred"] == d["label"]
-    return {"dense_fraction": float(dn.mean()),
-            "accuracy_dense": float(correct[dn].mean()) if dn.any() else None,
-            "accuracy_not_dense": float(correct[~dn].mean()) if (~dn).any() else None,
-            "loss_above_1000": int(np.sum(d["loss"] > 1000))}
-
-
-def class_paths_from(real: dict, k: int) -> tuple[np.ndarray, list[str]]:
-    """Mean CDRP per class from real images the model classifies correctly and DGR routed (not
-    fallen back to all ones); all of the class's images where there is none (noted)."""
-    from jaxroute.analysis import class_mean_paths
-
-    correct = (real["pred"] == real["label"]) & ~real["fell_back"]
-    paths = class_mean_paths(real["cdrp"][correct], real["label"][correct], k)
-    notes = []
-    for c in range(k):
-        if np.isnan(paths[c]).any() and np.any(real["label"] == c):
-            paths[c] = real["cdrp"][real["label"] == c].mean(0)
-            notes.append(f"class {c}: no correctly classified image, mean over all its images")
-    return paths, notes
-
-
-def divergence_setting(adv: dict, orig: dict, class_paths: np.ndarray, spec, target: np.ndarray | None) -> dict:
-    """Correlations for the adversarial images that worked: original classified correctly and
-    the attack reached its target (targeted) or another class (untargeted)."""
-    from jaxroute.analysis import layer_correlations
-
-    label = orig["label"]
-    ok = orig["pred"] == label
-    ok &= (adv["pred"] == target) if target is not None else (adv["pred"] != label)
-    worked = int(ok.sum())
-    # DGR found no gated iterate keeping the prediction: the "path" is all ones, not a routing path
-    ok &= ~(adv["fell_back"] | orig["fell_back"])
-    ok &= ~np.isnan(class_paths[adv["pred"]]).any(1)
-    idx = np.flatnonzero(ok)
-    base = {"n": int(len(idx)), "n_total": int(len(label)), "n_worked": worked}
-    if len(idx) == 0:
-        return base
-    c = layer_correlations(adv["cdrp"][idx], orig["cdrp"][idx], adv["pred"][idx], class_paths, spec,
-                           source=label[idx])
-    return {**base, "corr": c}
-
-
 def analyse_divergence(settings: dict, reference: np.ndarray, spec, out: Path, title: str) -> dict:
-    from jaxroute.analysis import plot_correlations
-
+    """Fig. 8: plot each setting's ``attack_correlations`` and keep their per-layer mean / std."""
     shown = {k: v["corr"] for k, v in settings.items() if v["n"] > 0}
     if shown:
         plot_correlations(shown, spec, out / "divergence.png", title, reference=reference)
@@ -472,10 +251,8 @@ def analyse_detection(parts: dict, cfg: Config, cache: Path, log, adv: str = "pe
     ``parts`` holds the routed sets ``train_real``, ``train_<adv>``, ``test_real``, ``test_<adv>``;
     ``extra`` ({name: (real set, adversarial set)}) are further test sets for the same detectors.
     """
-    from jaxroute.detection import evaluate_protocol
-
     res = {}
-    for feat in FEATURES:
+    for feat in FEATURE_LABELS:
         path = cache / f"detect-{adv}-{feat}.json"
         key = {"sizes": list(cfg.sizes), "runs": cfg.runs, "classifiers": list(cfg.classifiers), "seed": cfg.seed,
                "extra": sorted(extra or {})}
@@ -493,66 +270,9 @@ def analyse_detection(parts: dict, cfg: Config, cache: Path, log, adv: str = "pe
         log(f"detection ({adv}) on {feat}: {time.perf_counter() - t0:.0f} s")
         if timings is not None:
             timings.add("detection", time.perf_counter() - t0)
-        _atomic_json(path, {"key": key, "rows": rows})
+        atomic_write_json(path, {"key": key, "rows": rows})
         res[feat] = rows
     return res
-
-
-def _softmax_max(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(1, keepdims=True)).max(1)
-
-
-SCALAR_SCORES = {  # training-free one-number scores: what separates real from adversarial?
-    "penultimate L2 norm": lambda d: np.linalg.norm(d["features"].reshape(len(d["features"]), -1), axis=1),
-    "max logit": lambda d: d["full_logits"].max(1),
-    "max softmax probability": lambda d: _softmax_max(d["full_logits"]),
-    "CDRP fraction of gates > 0": lambda d: np.mean(d["cdrp"] > 0, axis=1),
-    "CDRP L1 norm": lambda d: np.abs(d["cdrp"]).sum(1),
-}
-
-
-def scalar_aucs(real: dict, adv: dict) -> dict:
-    """AUC (adversarial = positive) of each training-free score on a real / adversarial test set;
-    below 0.5: the score is lower for adversarial images."""
-    from sklearn.metrics import roc_auc_score
-
-    y = np.r_[np.zeros(len(real["cdrp"])), np.ones(len(adv["cdrp"]))]
-    return {k: float(roc_auc_score(y, np.r_[f(real), f(adv)])) for k, f in SCALAR_SCORES.items()}
-
-
-def plot_detection(dets: dict[str, dict], path: Path) -> None:
-    """One panel per attack setting: AUC vs training size, per classifier, CDRP (solid) vs
-    penultimate activations (dashed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(dets), figsize=(6.2 * len(dets), 3.9), squeeze=False)
-    colors = {"random_forest": "tab:green", "adaboost": "tab:orange", "gradient_boosting": "tab:purple"}
-    for ax, (title, det) in zip(axes[0], dets.items()):
-        for feat, style in (("cdrp", "-o"), ("features", "--s")):
-            rows = det[feat]
-            for c in dict.fromkeys(r["classifier"] for r in rows):
-                rr = [r for r in rows if r["classifier"] == c]
-                ax.errorbar([r["per_class"] for r in rr], [r["auc_mean"] for r in rr], [r["auc_std"] for r in rr],
-                            fmt=style, color=colors.get(c), capsize=3, ms=4,
-                            label=f"{CLASSIFIER_NAMES.get(c, c)} on {FEATURES[feat]}")
-        ax.set_xscale("log")
-        ax.minorticks_off()
-        sizes = sorted({r["per_class"] for r in det["cdrp"]})
-        ax.set_xticks(sizes)
-        ax.set_xticklabels([str(s) for s in sizes])
-        ax.set_xlabel("training images per class (each with its adversarial twin)")
-        ax.set_ylabel("test AUC (mean ± std over runs)")
-        ax.set_title(title, fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 # --------------------------------------------------------------------------- the whole experiment
@@ -560,7 +280,7 @@ def run(cfg: Config, out, log: Callable[[str], object] = print, tsne: bool = Tru
     """Everything, into ``out``; returns the dict also written to ``out/cdrp.json``."""
     import jax
 
-    from jaxroute.attacks import make_attack
+    from jaxroute.attacks import BIMConfig
     from jaxroute.data import load_dataset
     from jaxroute.weights import load_model
 
@@ -568,13 +288,13 @@ def run(cfg: Config, out, log: Callable[[str], object] = print, tsne: bool = Tru
     out = Path(out)
     cache = out / "cache"
     cache.mkdir(parents=True, exist_ok=True)
-    check_cache_config(cache, cfg)
-    timings = Timings(cache / "timings.json")
+    check_cache_config(cache, cfg.cache_key())
+    timings = Timings(cache / "timings.json", CACHED_STAGES)
     ndev = jax.local_device_count()
     global_batch = cfg.batch_size * ndev
 
-    loaded = load_model("resnet20", cfg.weights)
-    spec = loaded.spec
+    model = load_model("resnet20", cfg.weights)
+    spec = model.spec
     test = load_dataset(cfg.data, "test", limit=10 * cfg.test_per_class)
     train = load_dataset(cfg.data, "train", limit=10 * cfg.train_per_class)
     names = list(test.class_names)
@@ -599,26 +319,21 @@ def run(cfg: Config, out, log: Callable[[str], object] = print, tsne: bool = Tru
         f"{names[close[0]]}->{names[close[1]]} (path {dist[close]}), distant {names[distant[0]]}->{names[distant[1]]} "
         f"(path {dist[distant]}); {ndev} device(s), global batch {global_batch}")
 
-    logits = functools.partial(loaded.logits_fn(), None)
-    attack = make_attack("bim", logits, eps=cfg.eps, steps=cfg.attack_steps)
     adv_dir = cache / "adv"
+    unbounded = BIMConfig(eps=cfg.eps, steps=cfg.attack_steps)
 
-    def adv_set(name, images, labels, target, orig_index, attack=attack):
-        def make():
-            t0 = time.perf_counter()
-            a = attack_arrays(attack, images, labels, target, global_batch)
+    def adv_set(name, images, labels, target, orig_index, config=unbounded):
+        fresh, t0 = not (adv_dir / f"{name}.npz").exists(), time.perf_counter()
+        a = cached_attack(model, adv_dir, name, images, labels, target, orig_index, config, names, global_batch, log)
+        if fresh:  # the cache keeps the attack's cost, not the cost of reading it back
             timings.add("attack", time.perf_counter() - t0)
-            a.update(labels=np.asarray(labels, np.int32), class_names=np.array(names),
-                     target=np.full(len(labels), -1, np.int32) if target is None else np.asarray(target, np.int32),
-                     orig_index=np.asarray(orig_index, np.int64))
-            return a
-        return cached_attack(adv_dir / f"{name}.npz", make, log)
+        return a
 
     routed, summaries = {}, {}
 
     def route(name, images, labels, data, split, limit):
         t0 = time.perf_counter()
-        routed[name], summaries[name] = route_cached(loaded, images, labels, names, cache / "route" / name, cfg,
+        routed[name], summaries[name] = route_cached(model, images, labels, names, cache / "route" / name, cfg,
                                                      data, split, limit, log)
         timings.add("route", time.perf_counter() - t0)
         s = summaries[name]
@@ -646,11 +361,11 @@ def run(cfg: Config, out, log: Callable[[str], object] = print, tsne: bool = Tru
     route("train_perm", advs["train_perm"]["images"], train.labels, str(adv_dir), "train_perm", None)
     if cfg.bounded:
         # eps-ball-bounded variant (torchattacks BIM semantics): step eps/steps, L-inf <= eps
-        bounded = make_attack("bim", logits, eps=cfg.eps, steps=cfg.attack_steps, alpha=cfg.eps / cfg.attack_steps)
+        bounded = BIMConfig(eps=cfg.eps, steps=cfg.attack_steps, alpha=cfg.eps / cfg.attack_steps)
         for split, ds in (("test", test), ("train", train)):
             name = f"{split}_bounded"
             advs[name] = adv_set(name, ds.images, ds.labels, perm[ds.labels], np.arange(len(ds.labels)),
-                                 attack=bounded)
+                                 config=bounded)
             route(name, advs[name]["images"], ds.labels, str(adv_dir), name, None)
 
     # ---- analyses
@@ -667,17 +382,15 @@ def run(cfg: Config, out, log: Callable[[str], object] = print, tsne: bool = Tru
     real = routed["test_real"]
     sub = lambda d, idx: {key: v[idx] for key, v in d.items()}  # noqa: E731
     settings = {
-        "untargeted": divergence_setting(routed["test_untargeted"], real, paths, spec, None),
-        "targeted, random derangement": divergence_setting(routed["test_perm"], real, paths, spec,
+        "untargeted": attack_correlations(routed["test_untargeted"], real, paths, spec, None),
+        "targeted, random derangement": attack_correlations(routed["test_perm"], real, paths, spec,
                                                            perm[real["label"]]),
     }
     for tag, (s, t) in (("pair_close", close), ("pair_distant", distant)):
         oi = advs[tag]["orig_index"]
         label = f"targeted {names[s]}->{names[t]} ({'close' if tag == 'pair_close' else 'distant'}, " \
                 f"WordNet path {dist[s, t]})"
-        settings[label] = divergence_setting(routed[tag], sub(real, oi), paths, spec, np.full(len(oi), t))
-    from jaxroute.analysis import layer_correlations
-
+        settings[label] = attack_correlations(routed[tag], sub(real, oi), paths, spec, np.full(len(oi), t))
     ok_real = (real["pred"] == real["label"]) & ~real["fell_back"]
     reference = layer_correlations(real["cdrp"][ok_real], real["cdrp"][ok_real], real["label"][ok_real], paths,
                                    spec)["to_reached_class"]
@@ -719,7 +432,7 @@ def run(cfg: Config, out, log: Callable[[str], object] = print, tsne: bool = Tru
     invocations = json.loads(inv_path.read_text()) if inv_path.exists() else []
     invocations.append({"wall_s": wall, "stages_s": timings.now,
                         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() - wall))})
-    _atomic_json(inv_path, invocations)
+    atomic_write_json(inv_path, invocations)
     result = {
         "config": dataclasses.asdict(cfg),
         "devices": ndev,
@@ -742,9 +455,7 @@ def run(cfg: Config, out, log: Callable[[str], object] = print, tsne: bool = Tru
         "runtime": {"this_invocation_s": wall, "stages_this_invocation_s": timings.now,
                     "cached_stages_all_invocations_s": timings.total, "invocations": invocations},
     }
-    _atomic_json(out / "cdrp.json", result)
-    from jaxroute.utils.io import atomic_write_text
-
+    atomic_write_json(out / "cdrp.json", result)
     atomic_write_text(out / "cdrp.md", render_report(result, spec))
     return result
 
@@ -841,27 +552,27 @@ def render_report(r: dict, spec) -> str:
     big = max(cfg["sizes"])
 
     def table(det):
-        add("| images/class | feature | " + " | ".join(CLASSIFIER_NAMES.get(c, c) for c in clfs) + " |")
+        add("| images/class | feature | " + " | ".join(CLASSIFIER_LABELS.get(c, c) for c in clfs) + " |")
         add("|---:|---|" + "---:|" * len(clfs))
         for size in cfg["sizes"]:
-            for feat in FEATURES:
+            for feat in FEATURE_LABELS:
                 cells = []
                 for c in clfs:
                     row = next(x for x in det[feat] if x["per_class"] == size and x["classifier"] == c)
                     cells.append(f"{row['auc_mean']:.4f} ± {row['auc_std']:.4f}")
-                add(f"| {size} | {FEATURES[feat]} | " + " | ".join(cells) + " |")
+                add(f"| {size} | {FEATURE_LABELS[feat]} | " + " | ".join(cells) + " |")
         add("")
 
     def extra_table(det, key):
-        add("| feature | " + " | ".join(CLASSIFIER_NAMES.get(c, c) for c in clfs) + " |")
+        add("| feature | " + " | ".join(CLASSIFIER_LABELS.get(c, c) for c in clfs) + " |")
         add("|---|" + "---:|" * len(clfs))
-        for feat in FEATURES:
+        for feat in FEATURE_LABELS:
             cells = []
             for c in clfs:
                 row = next(x for x in det[feat] if x["per_class"] == big and x["classifier"] == c)
                 e = row["extra"][key]
                 cells.append(f"{e['auc_mean']:.4f} ± {e['auc_std']:.4f}")
-            add(f"| {FEATURES[feat]} | " + " | ".join(cells) + " |")
+            add(f"| {FEATURE_LABELS[feat]} | " + " | ".join(cells) + " |")
         add("")
 
     add(f"**The paper's attack** (I-FGSM, step {cfg['eps']}, {cfg['attack_steps']} steps, no projection):")

@@ -1,5 +1,6 @@
-"""The CDRP analysis experiment (experiments/cdrp_analysis.py): its pure pieces (fast) and a
-tiny end-to-end run on the pretrained ResNet-20 and real CIFAR-10 JPEGs (slow)."""
+"""The CDRP analysis experiment (experiments/cdrp_analysis.py): the library pieces it is built on
+and its configuration (fast), and a tiny end-to-end run on the pretrained ResNet-20 and real
+CIFAR-10 JPEGs (slow)."""
 from __future__ import annotations
 
 import json
@@ -7,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from experiments.cdrp_analysis import (
-    Config, check_cache_config, choose_pairs, derangement, divergence_setting, wordnet_distances,
-)
+from experiments.cdrp_analysis import Config
+from jaxroute.analysis import attack_correlations, choose_pairs, correlation_matrix, derangement, wordnet_distances
 from jaxroute.models import GateSpec
+from jaxroute.utils.cache import check_cache_config
 
 CIFAR10 = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -34,6 +35,26 @@ def test_wordnet_distances_on_the_shared_hierarchy(shared_dir):
         wordnet_distances(wn, ("cat", "unicorn"))
 
 
+def test_correlation_matrix_is_a_gaussian_kernel_of_wordnet_distance(shared_dir):
+    wn = shared_dir / "data" / "wordnet"
+    if not wn.is_dir():
+        pytest.skip(f"needs {wn}")
+    dist, _, _ = wordnet_distances(wn, CIFAR10)
+    ix = {c: i for i, c in enumerate(CIFAR10)}
+    corr = correlation_matrix(dist, sigma=1.0)
+    assert corr[ix["automobile"], ix["truck"]] == pytest.approx(np.exp(-2.0)) == pytest.approx(0.135335, abs=1e-6)
+    assert np.array_equal(np.diag(corr), np.ones(10)) and np.array_equal(corr, corr.T)
+    assert corr[ix["cat"], ix["deer"]] > corr[ix["cat"], ix["truck"]]  # closer classes correlate more
+
+
+def test_correlation_matrix_needs_a_positive_sigma():
+    d = np.array([[0, 2], [2, 0]])
+    np.testing.assert_allclose(correlation_matrix(d, 2.0), [[1, np.exp(-0.5)], [np.exp(-0.5), 1]])
+    for sigma in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="sigma must be a positive number"):
+            correlation_matrix(d, sigma)
+
+
 def test_choose_pairs_breaks_ties_by_class_index():
     d = np.array([[0, 3, 1, 5], [3, 0, 5, 1], [1, 5, 0, 2], [5, 1, 2, 0]])
     assert choose_pairs(d) == ((0, 2), (0, 3))
@@ -50,10 +71,10 @@ def test_derangement_has_no_fixed_points_and_follows_the_seed():
 
 
 def test_cache_written_by_other_arguments_is_refused(tmp_path):
-    check_cache_config(tmp_path, Config())
-    check_cache_config(tmp_path, Config(runs=3))  # runs only affect the (re-computed) detection
+    check_cache_config(tmp_path, Config().cache_key())
+    check_cache_config(tmp_path, Config(runs=3).cache_key())  # runs only affect the (re-computed) detection
     with pytest.raises(ValueError, match="eps"):
-        check_cache_config(tmp_path, Config(eps=0.02))
+        check_cache_config(tmp_path, Config(eps=0.02).cache_key())
 
 
 def test_config_checks_sizes_against_the_pool():
@@ -61,7 +82,7 @@ def test_config_checks_sizes_against_the_pool():
         Config(train_per_class=50, sizes=(10, 100))
 
 
-def test_divergence_setting_keeps_only_attacks_that_worked():
+def test_attack_correlations_keep_only_attacks_that_worked():
     spec = GateSpec(("a", "b"), (3, 4))
     rng = np.random.default_rng(0)
     n = 6
@@ -70,7 +91,7 @@ def test_divergence_setting_keeps_only_attacks_that_worked():
     adv = {"cdrp": rng.random((n, 7)), "pred": np.array([1, 2, 0, 1, 0, 0]), "fell_back": np.zeros(n, bool)}
     paths = rng.random((3, 7))
     target = np.array([1, 2, 0, 0, 0, 0])
-    res = divergence_setting(adv, orig, paths, spec, target)
+    res = attack_correlations(adv, orig, paths, spec, target)
     # 0: correct + reached target; 1: original misclassified; 2: ok; 3: missed the target;
     # 4: ok; 5: original fell back (all-ones gates are no routing path)
     assert (res["n"], res["n_worked"], res["n_total"]) == (3, 4, 6)
@@ -81,7 +102,7 @@ def test_divergence_setting_keeps_only_attacks_that_worked():
                                rowwise_corr(adv["cdrp"][[0, 2, 4], 3:], paths[[1, 0, 0], 3:]))
     np.testing.assert_allclose(res["corr"]["to_source_class"][:, 0],
                                rowwise_corr(adv["cdrp"][[0, 2, 4], :3], paths[[0, 1, 2], :3]))
-    untargeted = divergence_setting(adv, orig, paths, spec, None)
+    untargeted = attack_correlations(adv, orig, paths, spec, None)
     assert untargeted["n"] == 3 and untargeted["n_worked"] == 4  # 0, 2, 4 (+5 fell back)
 
 

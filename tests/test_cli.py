@@ -1,5 +1,7 @@
 """The command line as a user meets it: JSON results, one-line errors (exit 2)."""
+import dataclasses
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -8,8 +10,7 @@ import pytest
 
 from jaxroute.cli.main import main
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-R20 = SHARED / "models/cifar10-resnet/resnet20-12fca82f.th"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def last_json(capsys):
@@ -32,7 +33,7 @@ def test_train_then_eval_digits(tmp_path, capsys):
     assert main(["train", "--model", "digits_cnn", "--out", str(out), "--epochs", "20", "--no-progress",
                  "--json"]) == 0
     res = last_json(capsys)
-    assert res["top1"] >= 0.97 and res["train_seconds"] < 60
+    assert res["top1"] >= 0.97 and res["n"] == 360 and res["n_train"] == 1437
     assert main(["eval", "--model", "digits_cnn", "--weights", str(out), "--data", "digits", "--json"]) == 0
     ev = last_json(capsys)
     assert ev["n"] == 360 and ev["top1"] == pytest.approx(res["top1"]) and 0 <= ev["top5"] <= 1
@@ -41,10 +42,10 @@ def test_train_then_eval_digits(tmp_path, capsys):
     assert "digits_cnn" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not R20.exists(), reason=f"needs ../shared ({R20})")
-def test_eval_pretrained_resnet20_on_cifar_jpeg(capsys):
+def test_eval_pretrained_resnet20_on_cifar_jpeg(cifar_resnet_ckpt, cifar10_jpeg, capsys):
+    r20 = cifar_resnet_ckpt("resnet20")
     pytest.importorskip("torch")
-    assert main(["eval", "--model", "resnet20", "--weights", str(R20), "--data", str(SHARED / "data/cifar10-jpeg"),
+    assert main(["eval", "--model", "resnet20", "--weights", str(r20), "--data", str(cifar10_jpeg),
                  "--split", "test", "--limit", "500", "--json"]) == 0
     res = last_json(capsys)
     assert res["n"] == 500 and 0.74 < res["top1"] < 0.88 and res["top5"] > 0.95
@@ -56,7 +57,6 @@ def test_eval_pretrained_resnet20_on_cifar_jpeg(capsys):
     (["eval", "--model", "digits_cnn", "--data", "/no/such/folder"], "/no/such/folder"),
     (["eval", "--model", "digits_cnn", "--data", "tfds:surely_not_a_dataset"], "surely_not_a_dataset"),
     (["eval", "--model", "resnet20", "--data", "digits"], "expects (32, 32, 3)"),
-    (["route", "--model", "digits_cnn", "--out", "/tmp/x", "--batch-size", "7", "--shard-size", "10"], "multiple"),
 ])
 def test_bad_input_is_a_one_line_error(argv, needle, capsys):
     assert main(argv) == 2
@@ -64,12 +64,97 @@ def test_bad_input_is_a_one_line_error(argv, needle, capsys):
     assert needle in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("extra, needle", [
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--shard-size", "0"], "--shard-size must be >= 1"),
+    (["--steps", "0"], "steps must be an integer >= 1"),
+    (["--momentum", "1"], "momentum must be in [0, 1)"),
+    (["--lr", "nan"], "lr must be a finite number"),
+    (["--gamma", "-1"], "gamma must be >= 0"),
+    (["--clip-min", "3", "--clip-max", "2"], "clip_min < clip_max"),
+    (["--method", "awr", "--prune-frac", "1.5"], "pruning fraction must be in (0, 1)"),
+    (["--memory-budget", "lots"], "cannot read a memory size"),
+    (["--init-timeout", "0", "--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "0"],
+     "--init-timeout must be >= 1"),
+    (["--coordinator", "127.0.0.1:1"], "--coordinator needs --num-processes and --process-id"),
+    (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"], "--process-id must be in [0, 2)"),
+])
+def test_route_bad_options_are_one_line_errors(extra, needle, tmp_path, capsys):
+    out = tmp_path / "routes"
+    argv = ["route", "--model", "digits_cnn", "--data", "digits", "--limit", "8", "--out", str(out), *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+    assert not (out / "manifest.json").exists()                        # no work done
+
+
+def test_route_output_checked_before_any_work(tmp_path, capsys, monkeypatch):
+    import jaxroute.cli.main as cli
+
+    def no_loading(*a, **k):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(cli, "_load", no_loading)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out, needle in ((afile, "exists and is not a directory"), (afile / "sub", "cannot write to the output")):
+        assert main(["route", "--model", "digits_cnn", "--data", "digits", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and str(out) in err and "Traceback" not in err
+
+
+def test_route_dgr_flags_default_to_the_config_defaults(digits_ckpt, tmp_path, capsys):
+    from jaxroute.routing import DGRConfig, PruneConfig
+
+    base = ["route", "--model", "digits_cnn", "--weights", str(digits_ckpt), "--data", "digits", "--limit", "8",
+            "--no-progress"]
+    assert main(base + ["--out", str(tmp_path / "a")]) == 0
+    job = json.loads((tmp_path / "a" / "manifest.json").read_text())["job"]
+    assert job["method"] == "dgr" and job["config"] == dataclasses.asdict(DGRConfig())
+    assert main(base + ["--out", str(tmp_path / "b"), "--gamma", "0.1", "--steps", "5"]) == 0
+    job = json.loads((tmp_path / "b" / "manifest.json").read_text())["job"]
+    assert job["config"] == dataclasses.asdict(DGRConfig(gamma=0.1, steps=5))
+    assert main(base + ["--out", str(tmp_path / "c"), "--method", "aar", "--prune-frac", "0.1"]) == 0
+    job = json.loads((tmp_path / "c" / "manifest.json").read_text())["job"]
+    assert job["method"] == "aar" and job["config"] == dataclasses.asdict(PruneConfig(frac=0.1))
+
+
+def test_router_names_match_the_routers():
+    """The parser names the routers without importing JAX; the names are the library's."""
+    from jaxroute.cli.main import ROUTER_NAMES, build_parser
+    from jaxroute.routing import ROUTERS
+
+    assert sorted(ROUTER_NAMES) == sorted(ROUTERS)
+    route = next(a for a in build_parser()._subparsers._group_actions[0].choices["route"]._actions
+                 if a.dest == "method")
+    assert list(route.choices) == sorted(ROUTERS) and route.default == "dgr"
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_route_unreachable_coordinator_is_a_one_line_error(tmp_path):
+    """A process that cannot reach its coordinator waits --init-timeout seconds, then ends with one line."""
+    addr = f"127.0.0.1:{_free_port()}"                                 # nobody listens there
+    out = subprocess.run([sys.executable, "-m", "jaxroute.cli.main", "route", "--model", "digits_cnn",
+                          "--data", "digits", "--limit", "8", "--out", str(tmp_path / "r"), "--coordinator", addr,
+                          "--num-processes", "2", "--process-id", "1", "--init-timeout", "2"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("jaxroute route: error:") and addr in last and "within 2 s" in last
+    assert "Traceback" not in out.stderr and "Check failure" not in out.stderr
+
+
 def test_corrupt_weights_and_empty_folder(tmp_path, capsys):
     bad = tmp_path / "w.th"
     bad.write_bytes(b"not a checkpoint at all")
     pytest.importorskip("torch")
     assert main(["eval", "--model", "resnet20", "--weights", str(bad)]) == 2
-    assert "could not read" in capsys.readouterr().err
+    assert "is not a PyTorch checkpoint" in capsys.readouterr().err
     (tmp_path / "empty" / "test").mkdir(parents=True)
     assert main(["eval", "--model", "digits_cnn", "--data", str(tmp_path / "empty")]) == 2
     assert "empty" in capsys.readouterr().err.lower()
@@ -164,10 +249,10 @@ def test_attack_bad_options_are_one_line_errors(extra, needle, tmp_path, capsys)
     assert not (tmp_path / "o").exists()                                # checked before any work
 
 
-@pytest.mark.skipif(not R20.exists(), reason=f"needs ../shared ({R20})")
-def test_attack_pretrained_resnet20_on_cifar_jpeg(tmp_path, capsys):
+def test_attack_pretrained_resnet20_on_cifar_jpeg(cifar_resnet_ckpt, cifar10_jpeg, tmp_path, capsys):
+    r20 = cifar_resnet_ckpt("resnet20")
     pytest.importorskip("torch")
-    assert main(["attack", "--model", "resnet20", "--weights", str(R20), "--data", str(SHARED / "data/cifar10-jpeg"),
+    assert main(["attack", "--model", "resnet20", "--weights", str(r20), "--data", str(cifar10_jpeg),
                  "--split", "test", "--limit", "20", "--method", "pgd_linf", "--eps", str(4 / 255),
                  "--steps", "5", "--out", str(tmp_path / "adv"), "--json"]) == 0
     res = last_json(capsys)
@@ -175,16 +260,17 @@ def test_attack_pretrained_resnet20_on_cifar_jpeg(tmp_path, capsys):
     assert res["success_rate"] >= 0.9 and res["adv_top1"] <= 0.1 and res["mean_linf"] <= 4 / 255 + 1e-6
 
 
-@pytest.mark.skipif(not R20.exists(), reason=f"needs ../shared ({R20})")
-def test_route_pretrained_resnet20_streams_cifar_jpeg(tmp_path, capsys, monkeypatch):
+def test_route_pretrained_resnet20_streams_cifar_jpeg(cifar_resnet_ckpt, cifar10_jpeg, tmp_path, capsys,
+                                                     monkeypatch):
     """`jaxroute route` on an ImageFolder reads the decoded pixels from the cache a batch at a time."""
+    r20 = cifar_resnet_ckpt("resnet20")
     pytest.importorskip("torch")
     from jaxroute.data.stored import StoredImages
 
     reads = []
     real = StoredImages.read_uint8
     monkeypatch.setattr(StoredImages, "read_uint8", lambda self: reads.append(len(self)) or real(self))
-    assert main(["route", "--model", "resnet20", "--weights", str(R20), "--data", str(SHARED / "data/cifar10-jpeg"),
+    assert main(["route", "--model", "resnet20", "--weights", str(r20), "--data", str(cifar10_jpeg),
                  "--split", "test", "--limit", "24", "--steps", "3", "--batch-size", "4", "--shard-size", "8",
                  "--data-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "routes"), "--json",
                  "--no-progress"]) == 0

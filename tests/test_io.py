@@ -40,3 +40,17 @@ def test_creates_parent_folders_and_round_trips(tmp_path):
         assert z["cdrp"].shape == (2, 5)
     atomic_write_text(tmp_path / "t.txt", "héllo")
     assert (tmp_path / "t.txt").read_text() == "héllo"
+
+
+def test_check_writable_dir(tmp_path):
+    from jaxroute.utils.io import check_writable_dir
+
+    out = check_writable_dir(tmp_path / "a" / "b")                 # created, parents too
+    assert out == tmp_path / "a" / "b" and out.is_dir() and list(out.iterdir()) == []   # no probe left behind
+    assert check_writable_dir(out) == out                            # an existing folder is fine
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(ValueError, match="exists and is not a directory"):
+        check_writable_dir(f)
+    with pytest.raises(ValueError, match="cannot write to the output directory"):
+        check_writable_dir(f / "sub")                               # under a file: cannot be created

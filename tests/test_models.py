@@ -1,9 +1,12 @@
-"""Gate-aware models: gate specs, gate trees, gating semantics and input errors.
+"""Gate-aware models: gate specs, gate trees, gating semantics, input errors, the GatedModel.
 
 Every registered model is checked in both gate placements on small random
 inputs (ImageNet nets at 32 or 64 px), with random weights.
 """
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +14,8 @@ import numpy as np
 import pytest
 
 from jaxroute.models import (
-    GATE_PLACEMENTS, GateSpec, check_gates, create_model, flatten_gates, gate_spec, init_model,
-    list_models, model_card, ones_gates, unflatten_gates,
+    GATE_PLACEMENTS, Capture, GatedModel, GateSpec, check_gates, create_model, default_meta, flatten_gates,
+    gate_spec, init_model, list_models, model_card, ones_gates, unflatten_gates,
 )
 
 # Small test input (H, W, C) for each model; AlexNet needs >= 63 px,
@@ -33,6 +36,9 @@ BATCH = 2
 
 def _cifar_resnet_spec(depth, placement):
     n = (depth - 2) // 6
+    if placement == "block":  # only each block's output, after the residual ReLU
+        return ([f"layer{s}.{b}" for s in (1, 2, 3) for b in range(n)],
+                [planes for planes in (16, 32, 64) for _ in range(n)])
     names, chans = ["conv1"], [16]
     for s, planes in enumerate((16, 32, 64), start=1):
         for b in range(n):
@@ -44,6 +50,10 @@ def _cifar_resnet_spec(depth, placement):
 
 def _imagenet_resnet_spec(depth, placement):
     blocks, bottleneck = {18: ((2, 2, 2, 2), False), 50: ((3, 4, 6, 3), True)}[depth]
+    if placement == "block":
+        out = 4 if bottleneck else 1
+        return ([f"layer{s}.{b}" for s, nb in enumerate(blocks, start=1) for b in range(nb)],
+                [planes * out for planes, nb in zip((64, 128, 256, 512), blocks) for _ in range(nb)])
     names, chans = ["conv1"], [64]
     for s, (planes, nb) in enumerate(zip((64, 128, 256, 512), blocks), start=1):
         for b in range(nb):
@@ -61,7 +71,7 @@ def _imagenet_resnet_spec(depth, placement):
     return names, chans
 
 
-def _vgg_spec(bn, hidden):
+def _vgg_spec(bn, hidden, fc=False):
     cfg = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
     names, chans, i = [], [], 0
     for v in cfg:
@@ -71,7 +81,9 @@ def _vgg_spec(bn, hidden):
         names.append(f"features.{i}")
         chans.append(v)
         i += 3 if bn else 2
-    return names + ["classifier.0", "classifier.3"], chans + [hidden, hidden]
+    if fc:  # the hidden fully connected layers too (gate_fc=True); the paper's CDRP is the conv channels
+        return names + ["classifier.0", "classifier.3"], chans + [hidden, hidden]
+    return names, chans
 
 
 def expected_spec(name, placement):
@@ -84,8 +96,7 @@ def expected_spec(name, placement):
     if name == "vgg16_bn_cifar":
         return _vgg_spec(True, 512)
     if name == "alexnet":
-        return ([f"features.{i}" for i in (0, 3, 6, 8, 10)] + ["classifier.1", "classifier.4"],
-                [64, 192, 384, 256, 256, 4096, 4096])
+        return [f"features.{i}" for i in (0, 3, 6, 8, 10)], [64, 192, 384, 256, 256]
     if name == "digits_cnn":
         return ["conv1", "conv2", "conv3"], [32, 64, 128]
     raise KeyError(name)
@@ -264,14 +275,50 @@ def test_gate_spec_matches_architecture(model_case):
 @pytest.mark.parametrize("name,placement,points,size", [
     ("resnet20", "post_act", 19, 688), ("resnet20", "conv", 19, 688),
     ("resnet32", "post_act", 31, 1136), ("resnet56", "post_act", 55, 2032),
-    ("vgg16", "post_act", 15, 12416), ("vgg16", "conv", 15, 12416),
-    ("vgg16_bn_cifar", "post_act", 15, 5248), ("alexnet", "post_act", 7, 9344),
-    ("resnet18", "post_act", 17, 3904), ("resnet50", "post_act", 49, 22720),
-    ("resnet50", "conv", 49, 22720), ("digits_cnn", "post_act", 3, 224),
+    ("resnet20", "block", 9, 336), ("resnet56", "block", 27, 1008),
+    ("vgg16", "post_act", 13, 4224), ("vgg16", "conv", 13, 4224),
+    ("vgg16_bn_cifar", "post_act", 13, 4224), ("alexnet", "post_act", 5, 1152),
+    ("resnet18", "post_act", 17, 3904), ("resnet18", "block", 8, 1920), ("resnet50", "post_act", 49, 22720),
+    ("resnet50", "conv", 49, 22720), ("resnet50", "block", 16, 15104), ("digits_cnn", "post_act", 3, 224),
 ])
 def test_gate_spec_sizes(name, placement, points, size):
     spec = gate_spec(create_model(name, gate_placement=placement), TEST_SHAPES[name])
     assert (len(spec), spec.size) == (points, size)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet32", "resnet18", "resnet50"])
+def test_block_placement_gates_only_block_outputs(name):
+    """The official DGR code's ResNet gates: each block's output after the residual ReLU, nothing else."""
+    spec = spec_for(name, "block")
+    names, chans = expected_spec(name, "block")
+    assert (spec.names, spec.channels) == (tuple(names), tuple(chans))
+    v, x = variables_for(name), images(name)
+    fwd = forward(name, "block")
+    base_logits, base = fwd(v, x, None)
+    g = ones_gates(spec)
+    point = spec.names[-1]
+    g[point] = jnp.zeros_like(g[point])
+    logits, cap = fwd(v, x, g)
+    assert np.all(np.asarray(cap["gates"][point]) == 0.0)
+    bias = np.asarray(v["params"]["fc" if name in ("resnet18", "resnet50") else "linear"]["bias"])
+    close(logits, np.broadcast_to(bias, np.shape(logits)), 1e-6)  # nothing reaches the classifier
+
+
+@pytest.mark.parametrize("name", ["vgg16", "vgg16_bn_cifar", "alexnet", "digits_cnn"])
+def test_block_placement_only_for_residual_networks(name):
+    x = jnp.zeros((1, *TEST_SHAPES[name]), jnp.float32)
+    with pytest.raises(ValueError, match=r"gate_placement must be one of \('post_act', 'conv'\)"):
+        create_model(name, gate_placement="block").init(jax.random.key(0), x)
+
+
+@pytest.mark.parametrize("name,hidden", [("vgg16", 4096), ("vgg16_bn_cifar", 512)])
+def test_vgg_gates_fully_connected_layers_only_on_request(name, hidden):
+    names, chans = _vgg_spec(name.endswith("_cifar"), hidden, fc=True)
+    spec = gate_spec(create_model(name, gate_fc=True), TEST_SHAPES[name])
+    assert (spec.names, spec.channels) == (tuple(names), tuple(chans))
+    assert "classifier.0" not in spec_for(name).names
+    alex = gate_spec(create_model("alexnet", gate_fc=True), TEST_SHAPES["alexnet"])
+    assert alex.names[-2:] == ("classifier.1", "classifier.4") and alex.size == 1152 + 2 * 4096
 
 
 def test_gate_spec_resnet20_names_in_forward_order():
@@ -510,6 +557,7 @@ def test_wrong_channel_count(name):
         with pytest.raises(ValueError) as e:
             trace(name, images(name), g)
         assert repr(point) in str(e.value) and str(tuple(bad.shape)) in str(e.value)
+        assert f"wrong shape: {point!r}: got shape {tuple(bad.shape)}, expected ({c},) or" in str(e.value)
 
 
 def test_gates_not_a_dict():
@@ -556,3 +604,182 @@ def test_train_mode_updates_batch_stats():
     before = np.asarray(v["batch_stats"]["bn1"]["mean"])
     after = np.asarray(upd["batch_stats"]["bn1"]["mean"])
     assert not np.allclose(before, after)
+
+
+# ---------------------------------------------------------------- the GatedModel
+
+def gated(name, placement="post_act") -> GatedModel:
+    """A GatedModel with the random variables of ``variables_for``."""
+    meta = default_meta(name, gate_placement=placement, input_shape=TEST_SHAPES[name])
+    return GatedModel(create_model(name, **meta.module_overrides()), variables_for(name), meta)
+
+
+@pytest.mark.parametrize("name,placement", [("digits_cnn", "post_act"), ("digits_cnn", "conv"),
+                                            ("resnet20", "post_act")])
+def test_flat_cdrp_gate_tree_and_gate_function_agree(name, placement):
+    """The three ways to pass gates give the same logits: a flat CDRP (shared or per sample),
+    the gate tree it cuts into, and a function returning those gates at each point."""
+    m = gated(name, placement)
+    spec = m.spec
+    assert spec == spec_for(name, placement)
+    x = images(name, batch=3)
+    rng = np.random.default_rng(0)
+    flat = rng.uniform(0.0, 2.0, (3, spec.size)).astype(np.float32)
+    flat[flat < 0.3] = 0.0
+    for g in (flat, flat[1]):                                   # (B, D) per sample, (D,) shared
+        tree = spec.split(jnp.asarray(g))
+        seen = []
+
+        def fn(point, act, tree=tree, seen=seen):
+            seen.append((point, act.shape[-1]))
+            return tree[point]
+
+        ref = np.asarray(m.logits(x, tree))
+        np.testing.assert_array_equal(np.asarray(m.logits(x, jnp.asarray(g))), ref)
+        np.testing.assert_array_equal(np.asarray(m.logits(x, g)), ref)           # numpy works as well
+        np.testing.assert_array_equal(np.asarray(m.logits(x, fn)), ref)
+        assert seen == list(spec)                   # called once per gate point, in forward order
+        assert not np.allclose(ref, np.asarray(m.logits(x)))
+    # None is the ungated network: all ones in every form
+    ones = np.asarray(m.logits(x, jnp.ones(spec.size)))
+    np.testing.assert_array_equal(np.asarray(m.logits(x)), ones)
+    np.testing.assert_array_equal(np.asarray(m.logits(x, lambda p, a: jnp.ones(a.shape[-1]))), ones)
+
+
+def test_gate_function_sees_the_arriving_activation():
+    """A gate controller reads the activation at its point (before the gate) and returns a per-sample gate."""
+    m = gated("digits_cnn")
+    x = images("digits_cnn", batch=4)
+    ungated = m.capture(x)
+    arrived = {}
+
+    def keep_strong(point, act):
+        arrived[point] = act
+        mean = jnp.mean(act, axis=(1, 2))                           # (B, C)
+        return (mean >= jnp.median(mean, axis=-1, keepdims=True)).astype(act.dtype)
+
+    cap = m.capture(x, keep_strong)
+    first = m.spec.names[0]
+    np.testing.assert_array_equal(np.asarray(arrived[first]), np.asarray(ungated.acts[first]))
+    for n, c in m.spec:
+        assert arrived[n].shape[-1] == c
+        # after the gate, the channels below the median are silenced, per sample
+        a = np.asarray(cap.acts[n]).reshape(4, -1, c)
+        kept = np.asarray(keep_strong(n, arrived[n]))
+        np.testing.assert_array_equal(a[kept[:, None, :].repeat(a.shape[1], 1) == 0], 0.0)
+
+
+@pytest.mark.parametrize("name", ["digits_cnn", "resnet20", "vgg16_bn_cifar"])
+def test_capture_returns_every_gate_point_in_order_and_the_features(name):
+    m = gated(name)
+    x = images(name)
+    cap = m.capture(x)
+    assert isinstance(cap, Capture)
+    assert tuple(cap.acts) == m.spec.names                       # forward order (not jitted: no key sort)
+    for (n, c), a in zip(m.spec, cap.acts.values()):
+        assert a.shape[0] == BATCH and a.shape[-1] == c, n
+    np.testing.assert_array_equal(np.asarray(cap.logits), np.asarray(m.logits(x)))
+    # the penultimate features are the input of the last linear layer
+    head = m.variables["params"]["linear" if "linear" in m.variables["params"] else "classifier_6"]
+    close(np.asarray(cap.features) @ np.asarray(head["kernel"]) + np.asarray(head["bias"]), cap.logits)
+    # gated: the activations are those after the gates
+    g = jnp.zeros(m.spec.size).at[: m.spec.channels[0]].set(1.0)
+    gcap = m.capture(x, g)
+    for n in m.spec.names[1:]:
+        if m.gate_placement == "post_act":
+            np.testing.assert_array_equal(np.asarray(gcap.acts[n]), 0.0)
+
+
+def test_bad_gate_function_shape_is_an_error():
+    m = gated("digits_cnn")
+    x = images("digits_cnn")
+    with pytest.raises(ValueError, match="the gate function returned gates that do not fit") as e:
+        m.logits(x, lambda point, act: jnp.ones(act.shape[-1] + (point == "conv2")))
+    msg = str(e.value)
+    assert "'conv2': got shape (65,)" in msg and "conv1" not in msg.split("forward order")[0]
+    with pytest.raises(ValueError, match="the gate function returned gates that do not fit"):
+        m.logits(x, lambda point, act: jnp.ones((BATCH + 1, act.shape[-1])))   # another batch size
+    with pytest.raises(ValueError, match="the gate function returned gates that do not fit"):
+        jax.jit(lambda x: m.logits(x, lambda p, a: jnp.ones(a.shape[1:])))(x)  # (H, W, C): checked under jit too
+
+
+def test_gate_argument_errors():
+    m = gated("digits_cnn")
+    x = images("digits_cnn")
+    with pytest.raises(TypeError, match="gates must be None, a gate tree"):
+        m.logits(x, [1.0] * m.spec.size)
+    with pytest.raises(ValueError, match=r"flat CDRP must have shape \(224,\) or \(B, 224\)"):
+        m.logits(x, jnp.ones((BATCH, 1, m.spec.size)))
+    with pytest.raises(ValueError, match=r"223 entries.*224"):
+        m.logits(x, jnp.ones(223))
+    with pytest.raises(ValueError, match="missing gate point 'conv3' \\(128 channels\\)"):
+        m.logits(x, {"conv1": jnp.ones(32), "conv2": jnp.ones(64)})
+    with pytest.raises(ValueError, match=r"unexpected gate points \['conv4'\]"):
+        m.logits(x, {**ones_gates(m.spec), "conv4": jnp.ones(3)})
+
+
+def test_gated_model_is_a_pure_jittable_differentiable_function():
+    m = gated("digits_cnn")
+    x = images("digits_cnn")
+    flat = jnp.full((BATCH, m.spec.size), 0.5)
+    val, grad = jax.jit(jax.value_and_grad(lambda g: m.logits(x, g)[:, 0].sum()))(flat)
+    close(val, m.logits(x, flat)[:, 0].sum())
+    assert grad.shape == (BATCH, m.spec.size) and np.any(np.asarray(grad) != 0)
+    per = jax.vmap(lambda xi, gi: m.logits(xi[None], gi)[0])(x, flat)     # vmap over samples and gates
+    close(per, m.logits(x, flat))
+    # hashable by identity: a valid static argument
+    f = jax.jit(lambda model, x: model.logits(x), static_argnums=0)
+    close(f(m, x), m.logits(x))
+    assert hash(m) == hash(m) and m != gated("digits_cnn")
+
+
+def test_gated_model_metadata_and_with_variables():
+    m = gated("digits_cnn", "conv")
+    assert (m.name, m.num_classes, m.input_shape, m.gate_placement) == ("digits_cnn", 10, (8, 8, 1), "conv")
+    assert m.class_names == tuple("0123456789")
+    v2 = jax.tree_util.tree_map(lambda a: a * 0.5, m.variables)
+    m2 = m.with_variables(v2)
+    assert m2.spec is m.spec and m2.meta == m.meta and m2.module is m.module and m2.variables is v2
+    x = images("digits_cnn")
+    assert not np.allclose(np.asarray(m2.logits(x)), np.asarray(m.logits(x)))
+    close(m2.logits(x), m.module.apply(v2, x))
+    # a spec given explicitly is kept; otherwise computed from the module
+    assert GatedModel(m.module, m.variables, m.meta, spec=m.spec).spec is m.spec
+
+
+def test_check_dataset_fits():
+    from jaxroute.data import as_dataset
+    from jaxroute.models.gated import check_dataset_fits
+
+    m = gated("digits_cnn")
+    check_dataset_fits(m, as_dataset(np.zeros((2, 8, 8, 1), np.float32), [0, 9]))
+    with pytest.raises(ValueError, match=r"images of shape \(32, 32, 3\), model digits_cnn expects \(8, 8, 1\)"):
+        check_dataset_fits(m, as_dataset(np.zeros((2, 32, 32, 3), np.float32), [0, 1]))
+    with pytest.raises(ValueError, match="data has 12 classes, model outputs 10"):
+        check_dataset_fits(m, as_dataset(np.zeros((2, 8, 8, 1), np.float32), [0, 11]))
+
+
+def test_gate_spec_split_numpy_and_jax():
+    spec = GateSpec(("a", "b", "c"), (2, 3, 4))
+    flat = np.arange(2 * 9, dtype=np.float32).reshape(2, 9)
+    parts = spec.split(flat)
+    assert list(parts) == ["a", "b", "c"] and all(isinstance(v, np.ndarray) for v in parts.values())
+    np.testing.assert_array_equal(parts["b"], flat[:, 2:5])
+    jparts = spec.split(jnp.asarray(flat[0]))
+    assert all(isinstance(v, jax.Array) for v in jparts.values())
+    np.testing.assert_array_equal(np.asarray(jparts["c"]), flat[0, 5:])
+    with pytest.raises(ValueError, match="8 entries.*9"):
+        spec.split(flat[:, :8])
+    with pytest.raises(ValueError, match="duplicate"):
+        GateSpec(("a", "a"), (1, 1))
+    with pytest.raises(ValueError, match="differ in length"):
+        GateSpec(("a",), (1, 2))
+
+
+def test_gate_modules_import_no_flax():
+    """The numpy analyses use GateSpec without paying for (or needing) Flax."""
+    code = ("import sys, jaxroute.models.gates, jaxroute.analysis, jaxroute.detection; "
+            "from jaxroute.models import GateSpec, flatten_gates; "
+            "assert 'flax' not in sys.modules, sorted(m for m in sys.modules if m.startswith('flax'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr

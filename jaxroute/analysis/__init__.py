@@ -1,13 +1,18 @@
-"""Analysis of routing paths: numpy / scikit-learn over CDRP matrices."""
-from jaxroute.analysis.divergence import class_mean_paths, layer_correlations, plot_correlations, rowwise_corr
-from jaxroute.analysis.intra_class import centroid_distance, cluster_class, cluster_summary, plot_clusters
+"""Analysis of routing paths: numpy / scikit-learn over CDRP matrices (figures in ``plots``)."""
+from jaxroute.analysis.classes import derangement, per_class_counts
+from jaxroute.analysis.divergence import attack_correlations, class_mean_paths, layer_correlations, rowwise_corr
+from jaxroute.analysis.intra_class import centroid_distance, cluster_class, cluster_summary
 from jaxroute.analysis.layers import (
-    embed_layers, layer_clustering_scores, plot_embeddings, plot_layer_scores, split_layers,
+    depth_trend, embed_layers, layer_clustering_scores, neighbour_fraction, split_layers,
 )
+from jaxroute.analysis.paths import class_paths_from, dense, path_stats
+from jaxroute.analysis.plots import plot_clusters, plot_correlations, plot_embeddings, plot_layer_scores
+from jaxroute.analysis.wordnet import choose_pairs, correlation_matrix, wordnet_distances
 
 __all__ = [
-    "centroid_distance", "class_mean_paths", "cluster_class", "cluster_summary", "embed_layers",
-    "layer_clustering_scores", "layer_correlations",
-    "plot_clusters", "plot_correlations", "plot_embeddings", "plot_layer_scores", "rowwise_corr",
-    "split_layers",
+    "attack_correlations", "centroid_distance", "choose_pairs", "class_mean_paths", "class_paths_from",
+    "cluster_class", "cluster_summary", "correlation_matrix", "dense", "depth_trend", "derangement",
+    "embed_layers", "layer_clustering_scores", "layer_correlations", "neighbour_fraction", "path_stats",
+    "per_class_counts", "plot_clusters", "plot_correlations", "plot_embeddings", "plot_layer_scores",
+    "rowwise_corr", "split_layers", "wordnet_distances",
 ]

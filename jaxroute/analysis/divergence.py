@@ -70,67 +70,28 @@ def layer_correlations(adv: np.ndarray, orig: np.ndarray, reached: np.ndarray, c
     return out
 
 
-STYLES = {  # key -> (colour, line style, legend label)
-    "to_original": ("tab:blue", "-o", "adv vs its original image"),
-    "to_source_class": ("tab:cyan", "--", "adv vs original class's mean path"),
-    "to_reached_class": ("tab:red", "-o", "adv vs reached class's mean path"),
-}
+def attack_correlations(adv: dict, orig: dict, class_paths: np.ndarray, spec: GateSpec,
+                        target: np.ndarray | None) -> dict:
+    """:func:`layer_correlations` of the adversarial images whose attack worked.
 
-
-def plot_correlations(corrs: dict[str, dict[str, np.ndarray]], spec: GateSpec, path, title: str = "",
-                      reference: np.ndarray | None = None) -> None:
-    """Line plot of mean correlations per layer and violins of their spread, one row per setting.
-
-    ``reference`` ((N, L) or (L,)): real images against their own class's mean path,
-    drawn as a grey dashed line in every row.
+    ``adv`` and ``orig`` are routed sets (``cdrp``, ``pred``, ``fell_back``; ``orig`` also
+    ``label``), row i of ``adv`` the attacked version of row i of ``orig``.  An image counts
+    when the model classifies its original correctly and the attack reached ``target``
+    (targeted) or any other class (``target`` None, untargeted): a failed attack says
+    nothing about re-routing.  Of those, images where DGR fell back to all-ones gates
+    (for either image: no routing path) or whose reached class has no path are left out.
+    Returns ``n`` (used), ``n_worked``, ``n_total`` and, when ``n`` > 0, ``corr``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(corrs)
-    fig, axes = plt.subplots(n, 2, figsize=(13, 3.0 * n), squeeze=False)
-    x = np.arange(len(spec))
-    ref = None if reference is None else np.asarray(reference).reshape(-1, len(spec)).mean(0)
-    for row, (setting, c) in enumerate(corrs.items()):
-        ax = axes[row, 0]
-        for key, (color, style, label) in STYLES.items():
-            if key not in c:
-                continue
-            m, s = c[key].mean(0), c[key].std(0)
-            ax.plot(x, m, style, color=color, ms=3, label=label)
-            if style.endswith("o"):
-                ax.fill_between(x, m - s, m + s, color=color, alpha=0.12)
-        if ref is not None:
-            ax.plot(x, ref, "--", color="grey", label="real vs own class's mean path")
-        n_img = len(next(iter(c.values())))
-        ax.set_title(f"{setting} (n={n_img}): mean ± std", fontsize=9)
-        ax.set_ylim(-0.2, 1.05)
-        ax.set_ylabel("Pearson r", fontsize=8)
-        ax.set_xticks(x)
-        ax.set_xticklabels(spec.names if row == n - 1 else [], rotation=80, fontsize=6)
-        ax.grid(alpha=0.3)
-        if row == 0:
-            ax.legend(fontsize=7, loc="lower left")
-        ax = axes[row, 1]
-        for key, color, off in (("to_original", "tab:blue", -0.2), ("to_reached_class", "tab:red", 0.2)):
-            parts = ax.violinplot([c[key][:, i] for i in x], positions=x + off, widths=0.35, showmedians=True)
-            for b in parts["bodies"]:
-                b.set_facecolor(color)
-                b.set_edgecolor(color)
-                b.set_alpha(0.35)
-            for k in ("cbars", "cmins", "cmaxes", "cmedians"):
-                if k in parts:
-                    parts[k].set_color(color)
-                    parts[k].set_linewidth(0.8)
-        ax.set_title("per-image distribution (blue: vs original image, red: vs reached class)", fontsize=9)
-        ax.set_ylim(-0.3, 1.05)
-        ax.set_xticks(x)
-        ax.set_xticklabels(spec.names if row == n - 1 else [], rotation=80, fontsize=6)
-        ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    label = orig["label"]
+    ok = orig["pred"] == label
+    ok &= (adv["pred"] == target) if target is not None else (adv["pred"] != label)
+    worked = int(ok.sum())
+    ok &= ~(adv["fell_back"] | orig["fell_back"])
+    ok &= ~np.isnan(class_paths[adv["pred"]]).any(1)
+    idx = np.flatnonzero(ok)
+    base = {"n": int(len(idx)), "n_total": int(len(label)), "n_worked": worked}
+    if len(idx) == 0:
+        return base
+    c = layer_correlations(adv["cdrp"][idx], orig["cdrp"][idx], adv["pred"][idx], class_paths, spec,
+                           source=label[idx])
+    return {**base, "corr": c}

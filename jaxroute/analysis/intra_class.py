@@ -6,8 +6,9 @@ surfaces the typical layouts of a class and, in small clusters, its hard or
 atypical examples.  :func:`cluster_summary` puts a number on "hard": the
 fraction of each cluster's images the model classifies correctly.
 
-Within a cluster, images are shown in order of their CDRP's distance to the
-cluster's mean CDRP (most typical first); misclassified images can be framed.
+:func:`centroid_distance` orders a cluster's images by their CDRP's distance
+to the cluster's mean CDRP (most typical first); ``plots.plot_clusters``
+draws the grids.
 """
 from __future__ import annotations
 
@@ -47,46 +48,3 @@ def cluster_summary(ids: np.ndarray, correct: np.ndarray | None = None) -> list[
             row["accuracy"] = float(np.mean(np.asarray(correct)[sel])) if sel.any() else float("nan")
         rows.append(row)
     return rows
-
-
-def plot_clusters(images: np.ndarray, ids: np.ndarray, path, per_cluster: int = 12, title: str = "",
-                  order: np.ndarray | None = None, mark: np.ndarray | None = None,
-                  row_notes: list[str] | None = None, dpi: int = 90) -> None:
-    """One row of up to ``per_cluster`` images per cluster (cluster size in the row label).
-
-    ``order``: a score per image; each row shows its cluster's lowest-scoring images first
-    (e.g. :func:`centroid_distance`).  ``mark``: bool per image, drawn with a red frame
-    (e.g. misclassified).  ``row_notes``: extra text per cluster label.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ids = np.asarray(ids)
-    k = int(ids.max()) + 1
-    fig, axes = plt.subplots(k, per_cluster, figsize=(per_cluster * 0.75 + 1.0, k * 0.8 + 0.4), squeeze=False)
-    for r in range(k):
-        members = np.flatnonzero(ids == r)
-        if order is not None:
-            members = members[np.argsort(np.asarray(order)[members], kind="stable")]
-        for c in range(per_cluster):
-            ax = axes[r, c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for s in ax.spines.values():
-                s.set_visible(False)
-            if c < len(members):
-                im = images[members[c]]
-                ax.imshow(im.squeeze(), cmap="gray" if im.shape[-1] == 1 else None, vmin=0, vmax=1)
-                if mark is not None and mark[members[c]]:
-                    for s in ax.spines.values():
-                        s.set_visible(True)
-                        s.set_color("red")
-                        s.set_linewidth(2)
-        label = f"{r}: n={len(members)}" + (f"\n{row_notes[r]}" if row_notes else "")
-        axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)

@@ -15,15 +15,21 @@ import numpy as np
 from sklearn.cluster import AgglomerativeClustering, KMeans
 from sklearn.metrics import homogeneity_completeness_v_measure
 from sklearn.manifold import TSNE
+from sklearn.neighbors import NearestNeighbors
 
 from jaxroute.models.gates import GateSpec
 
 
 def split_layers(cdrp: np.ndarray, spec: GateSpec) -> dict[str, np.ndarray]:
+    """``{gate layer: (N, C)}`` of a CDRP matrix (N, D), cut by :meth:`GateSpec.split`.
+
+    Only a matrix is accepted: the analyses treat rows as images, so a single flat
+    path or a batch of batches is a caller's mistake worth naming.
+    """
     cdrp = np.asarray(cdrp)
     if cdrp.ndim != 2 or cdrp.shape[1] != spec.size:
         raise ValueError(f"CDRP matrix must be (N, {spec.size}) for this gate layout, got {cdrp.shape}")
-    return {n: cdrp[:, o : o + c] for n, c, o in zip(spec.names, spec.channels, spec.offsets)}
+    return spec.split(cdrp)
 
 
 def layer_clustering_scores(cdrp: np.ndarray, labels: np.ndarray, spec: GateSpec, *, seed: int = 0,
@@ -76,56 +82,45 @@ def embed_layers(cdrp: np.ndarray, spec: GateSpec, layers: Sequence[str] | None 
     return out
 
 
-def plot_embeddings(emb: dict[str, np.ndarray], labels, class_names, path, title: str = "", *,
-                    cols: int = 4, panel: float = 3.2, dpi: int = 110) -> None:
-    import matplotlib
+def depth_trend(rows: list[dict], keys: Sequence[str], parts: dict[str, np.ndarray],
+                min_layers: int = 3) -> dict[str, dict[str, dict]]:
+    """Spearman rank correlation of per-layer scores with the layer index.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    ``rows`` are :func:`layer_clustering_scores` rows in forward order; ``parts`` maps a
+    name to a boolean mask over the rows (e.g. a ResNet's block outputs vs the gates inside
+    its blocks, which behave differently).  A part with fewer than ``min_layers`` layers is
+    left out; a part whose scores are constant has no rank correlation (``None``).
+    Returns ``{key: {part: {"spearman_rho", "p_value", "layers"}}}``.
+    """
+    from scipy.stats import spearmanr
 
-    n = len(emb)
-    cols = min(cols, n)
-    rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(panel * cols, panel * rows + 0.6), squeeze=False)
-    labels = np.asarray(labels)
-    cmap = plt.get_cmap("tab10")
-    for ax, (name, xy) in zip(axes.flat, emb.items()):
-        for c in np.unique(labels):
-            sel = labels == c
-            ax.scatter(xy[sel, 0], xy[sel, 1], s=3, color=cmap(int(c) % 10), label=class_names[int(c)],
-                       linewidths=0)
-        ax.set_title(name, fontsize=8)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
-    handles, names = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="lower center", ncol=min(10, len(names)), markerscale=3, fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.6 / (panel * rows + 0.6), 1, 1))
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    depth = np.arange(len(rows))
+    trend = {}
+    for key in keys:
+        v = np.array([r[key] for r in rows])
+        trend[key] = {}
+        for part, sel in parts.items():
+            sel = np.asarray(sel, bool)
+            if sel.sum() < min_layers:
+                continue
+            if np.ptp(v[sel]) == 0:
+                trend[key][part] = {"spearman_rho": None, "p_value": None, "layers": int(sel.sum())}
+                continue
+            rho, p = spearmanr(depth[sel], v[sel])
+            trend[key][part] = {"spearman_rho": float(rho), "p_value": float(p), "layers": int(sel.sum())}
+    return trend
 
 
-def plot_layer_scores(rows: list[dict], path, title: str = "", dpi: int = 110) -> None:
-    import matplotlib
+def neighbour_fraction(xy: np.ndarray, member: np.ndarray, k: int = 10) -> float:
+    """Mean fraction of the ``k`` nearest neighbours of a member point that are members too.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(10, 3.6))
-    x = np.arange(len(rows))
-    keys = [("kmeans_v_measure", "-o"), ("agglomerative_v_measure", "-s"),
-            ("kmeans_homogeneity", "--"), ("kmeans_completeness", ":")]
-    keys += [(k, "-.") for k in rows[0] if k.startswith("kmeans_v_measure_")]  # other labelings
-    for key, style in keys:
-        ax.plot(x, [r[key] for r in rows], style, label=key.replace("_", " "))
-    ax.set_xticks(x)
-    ax.set_xticklabels([r["layer"] for r in rows], rotation=75, fontsize=7)
-    ax.set_ylabel("score")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    Asks whether a group (e.g. the dense paths) forms its own region of an embedding:
+    compare it with the group's overall fraction, ``member.mean()``.
+    """
+    member = np.asarray(member, bool)
+    if len(xy) != len(member):
+        raise ValueError(f"{len(xy)} points but {len(member)} membership flags")
+    if not member.any() or len(xy) <= k:
+        raise ValueError(f"need at least one member and more than {k} points, got {member.sum()} of {len(xy)}")
+    idx = NearestNeighbors(n_neighbors=k + 1).fit(xy).kneighbors(xy, return_distance=False)[:, 1:]
+    return float(member[idx][member].mean())

@@ -1,38 +1,40 @@
-"""Adversarial attacks as pure, batched, jittable functions over any ``logits_fn(x) -> logits``.
+"""Adversarial attacks as pure, batched, jittable functions of one shape.
 
-``x`` is a pixel-space batch (B, H, W, C) in [0, 1]; every epsilon is in
-[0, 1] pixel units.  Each attack takes a frozen dataclass config (or the
-same fields as keywords), optional ``label`` / ``target`` (B,) int arrays
-and, where random, an explicit PRNG ``key``; it returns an
-:class:`AttackResult` (``adv``, ``success``, ``linf``, ``l2``, ``adv_pred``,
-``label``, ``target``, ``iterations``)::
+Every attack is ``attack(f, x, *, label=None, target=None, key=None,
+config=None) -> AttackResult``: ``f(x) -> logits`` (a tuple of such
+functions for the ensemble attack), ``x`` a pixel-space batch (B, H, W, C)
+in [0, 1], every epsilon in [0, 1] pixel units, optional ``label`` /
+``target`` (B,) int arrays, an explicit PRNG ``key`` where the attack is
+random (deterministic attacks ignore it), and the attack's frozen config
+dataclass.  The result holds ``adv``, ``success``, ``linf``, ``l2``,
+``adv_pred``, ``label``, ``target``, ``iterations``::
 
-    import functools, jax
+    import jax
     from jaxroute import attacks
     from jaxroute.weights import load_model
 
-    m = load_model("resnet20", "../shared/models/cifar10-resnet/resnet20-12fca82f.th")
-    f = functools.partial(m.logits_fn(), None)           # x -> logits, no gates
-    res = attacks.bim(f, x, eps=0.01, steps=10)          # DGR paper Eq. 6, predicted label
-    run = jax.jit(functools.partial(attacks.pgd, f, config=attacks.PGDConfig(eps=8/255)))
-    res = run(x, jax.random.key(0), label=y)
+    m = load_model("resnet20", "resnet20-12fca82f.th")
+    res = attacks.bim(m.logits, x, config=attacks.BIMConfig(eps=0.01, steps=10))  # DGR paper Eq. 6
+    pgd = attacks.make_attack("pgd", m.logits, eps=8 / 255)                        # jitted, by name
+    res = pgd(x, label=y, key=jax.random.key(0))
 
 Attacks: :func:`fgsm`, :func:`bim` (iterative FGSM), :func:`pgd` (L∞/L2),
-:func:`deepfool`, :func:`cw_l2`, :func:`ensemble_attack`; or by name with
-:func:`make_attack`.
+:func:`deepfool`, :func:`cw_l2`, :func:`ensemble_attack`; by name with
+:func:`make_attack`; over a whole data set with :func:`attack_dataset`.
 """
 from __future__ import annotations
 
 import functools
 from typing import Callable
 
-from jaxroute.attacks.core import AttackResult, LogitsFn, check_images, check_labels, num_classes_of
+import jax
+import numpy as np
+
+from jaxroute.attacks.core import AttackResult, LogitsFn, check_images, is_concrete, num_classes_of
 from jaxroute.attacks.cw import CWConfig, cw_l2
 from jaxroute.attacks.deepfool import DeepFoolConfig, deepfool
 from jaxroute.attacks.ensemble import EnsembleConfig, ensemble_attack, least_likely
-from jaxroute.attacks.gradient import (
-    BIMConfig, FGSMConfig, PGDConfig, bim, fgsm, pgd,
-)
+from jaxroute.attacks.gradient import BIMConfig, FGSMConfig, PGDConfig, bim, fgsm, pgd
 
 ATTACKS: dict[str, tuple[Callable, type]] = {
     "fgsm": (fgsm, FGSMConfig),
@@ -44,61 +46,52 @@ ATTACKS: dict[str, tuple[Callable, type]] = {
 }
 
 
-def make_attack(name: str, logits_fn: LogitsFn | tuple, jit: bool = True, **config) -> Callable:
-    """``make_attack("pgd", f, eps=8/255)`` -> ``attack(x, key=None, label=None, target=None)``.
+def make_attack(name: str, f: LogitsFn | tuple, jit: bool = True, **config) -> Callable:
+    """``make_attack("pgd", f, eps=8/255)`` -> ``attack(x, *, label=None, target=None, key=None)``.
 
-    The returned function is jitted (unless ``jit=False``) with the config
-    static; compiled once per input shape.  For ``"ensemble"``, ``logits_fn``
-    is a tuple of logits functions.  Input value checks run eagerly before
-    the jitted call.
+    ``config`` are the fields of the attack's config dataclass.  The returned
+    function is jitted (unless ``jit=False``) with the config static and
+    compiled once per input shape; images are value-checked eagerly before
+    the jitted call (inside ``jit`` only shapes are).
     """
     if name not in ATTACKS:
         raise ValueError(f"unknown attack {name!r}; known: {sorted(ATTACKS)}")
     fn, cls = ATTACKS[name]
-    cfg = cls(**config)
-    if name == "ensemble" and callable(logits_fn):
-        logits_fn = (logits_fn,)
-    core = functools.partial(fn, logits_fn, config=cfg)
-    compiled = None
-    if jit:
-        import jax
-        compiled = jax.jit(core)
-
-    first = logits_fn[0] if isinstance(logits_fn, tuple) else logits_fn
+    core = functools.partial(fn, f, config=cls(**config))
+    run = jax.jit(core) if jit else core
+    first = f[0] if isinstance(f, (tuple, list)) else f
     classes: dict = {}
 
-    def attack(x, key=None, label=None, target=None):
-        x = check_images(x)
-        shape = (tuple(x.shape), str(x.dtype))
-        if shape not in classes:
-            classes[shape] = num_classes_of(first, x)
-        check_labels(label, x.shape[0], "label", classes[shape])
-        if not (name == "ensemble" and getattr(target, "ndim", 1) == 2):
-            check_labels(target, x.shape[0], "target", classes[shape])
-        kw = {}
-        if name == "pgd":
-            kw["key"] = key
-        elif key is not None:
-            raise TypeError(f"attack {name!r} is deterministic and takes no key")
-        if name not in ("deepfool", "ensemble"):
-            kw["label"] = label
-        elif name == "deepfool":
-            if target is not None:
-                raise TypeError("deepfool is untargeted; it takes no target")
-            kw["label"] = label
-        elif label is not None:
-            raise TypeError("the ensemble attack takes no label (it targets the least-likely classes)")
-        if name != "deepfool":
-            kw["target"] = target
-        return (compiled or core)(x, **kw)
+    def attack(x, *, label=None, target=None, key=None):
+        if is_concrete(x):
+            x = check_images(x)
+            shape = (tuple(x.shape), str(x.dtype))
+            if shape not in classes:
+                classes[shape] = num_classes_of(first, x)
+            for what, y in (("label", label), ("target", target)):
+                _check_class_values(y, what, classes[shape])
+        return run(x, label=label, target=target, key=key)
 
-    attack.config = cfg
+    attack.config = core.keywords["config"]
     attack.__name__ = f"{name}_attack"
     return attack
 
 
+def _check_class_values(y, name: str, num_classes: int) -> None:
+    """Class indices in [0, num_classes), checked on concrete arrays (shapes are each attack's own check)."""
+    if y is None or not is_concrete(y):
+        return
+    a = np.asarray(y)
+    if not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"{name} must be integer class indices, got dtype {a.dtype}")
+    if a.size and (a.min() < 0 or a.max() >= num_classes):
+        raise ValueError(f"{name} must be class indices in [0, {num_classes}), got values in [{a.min()}, {a.max()}]")
+
+
+from jaxroute.attacks.dataset import ATTACK_TARGETS, attack_dataset  # noqa: E402  (uses make_attack)
+
 __all__ = [
-    "ATTACKS", "AttackResult", "BIMConfig", "CWConfig", "DeepFoolConfig", "EnsembleConfig",
-    "FGSMConfig", "LogitsFn", "PGDConfig", "bim", "cw_l2", "deepfool",
-    "ensemble_attack", "fgsm", "least_likely", "make_attack", "pgd",
+    "ATTACKS", "ATTACK_TARGETS", "AttackResult", "BIMConfig", "CWConfig", "DeepFoolConfig", "EnsembleConfig",
+    "FGSMConfig", "LogitsFn", "PGDConfig", "attack_dataset", "bim", "cw_l2", "deepfool", "ensemble_attack", "fgsm",
+    "least_likely", "make_attack", "pgd",
 ]

@@ -2,13 +2,17 @@
 
 Conventions used by every attack in :mod:`jaxroute.attacks`:
 
-* ``logits_fn(x) -> logits`` is any pure function of a pixel-space image
+* One shape: ``attack(f, x, *, label=None, target=None, key=None, config=None)
+  -> AttackResult``.  Deterministic attacks accept ``key`` and ignore it, so
+  every attack can be called the same way; an untargeted-only attack
+  (DeepFool) refuses a ``target``.
+* ``f(x) -> logits`` is any pure function of a pixel-space image
   batch ``x`` (B, H, W, C) float in [0, 1] (normalization lives inside the
   model).  It must treat samples independently (inference-mode BN), so the
   gradient of a *summed* per-sample loss is the stack of per-sample
   gradients; every attack relies on that to run one batched
-  forward/backward per step.  For a :class:`~jaxroute.weights.LoadedModel`
-  ``m``: ``logits_fn = functools.partial(m.logits_fn(), None)``.
+  forward/backward per step.  For a :class:`~jaxroute.models.GatedModel`
+  ``m``: ``f = m.logits`` (ungated), or ``functools.partial(m.logits, gates=g)``.
 * All epsilons, step sizes and norms are in [0, 1] pixel units; every
   adversarial image is clipped to [0, 1].
 * ``label`` (B,) int: the class to move away from (untargeted).  ``None``
@@ -17,7 +21,7 @@ Conventions used by every attack in :mod:`jaxroute.attacks`:
   attack is targeted and ``label`` is only recorded.
 * Each attack is a pure function; configs are frozen dataclasses (hashable,
   so static under ``jax.jit``); random parts take an explicit PRNG ``key``.
-  Jit with ``jax.jit(functools.partial(attack, logits_fn, config=cfg))``.
+  Jit with ``jax.jit(functools.partial(attack, f, config=cfg))``.
 * Input checks run eagerly when arrays are concrete and are skipped under
   tracing (inside ``jit``/``vmap`` only shapes and dtypes are checked).
 """
@@ -141,12 +145,10 @@ def prepare(logits_fn: LogitsFn, x, label=None, target=None):
     return loop_friendly(logits_fn), x, label, target, k
 
 
-def make_config(cls, config, kwargs):
-    """``config`` itself, or ``cls(**kwargs)``; never both."""
+def resolve_config(cls, config):
+    """``config`` itself (type-checked), or the defaults ``cls()`` when None."""
     if config is None:
-        return cls(**kwargs)
-    if kwargs:
-        raise TypeError(f"pass either a {cls.__name__} or keyword options, not both (got {sorted(kwargs)})")
+        return cls()
     if not isinstance(config, cls):
         raise TypeError(f"config must be a {cls.__name__}, got {type(config).__name__}")
     return config

@@ -55,8 +55,8 @@ import jax.numpy as jnp
 import optax
 
 from jaxroute.attacks.core import (
-    AttackResult, LogitsFn, bcast, check_int, check_positive, compaction_widths, finish, make_config,
-    per_sample, predict, prepare, step_live_rows,
+    AttackResult, LogitsFn, bcast, check_int, check_positive, compaction_widths, finish,
+    per_sample, predict, prepare, resolve_config, step_live_rows,
 )
 
 _BIG = 1e10
@@ -83,15 +83,15 @@ class CWConfig:
             check_int(self.compaction, "compaction", minimum=2)
 
 
-def cw_l2(logits_fn: LogitsFn, x: jax.Array, config: CWConfig | None = None, *,
-          label: jax.Array | None = None, target: jax.Array | None = None, **kwargs) -> AttackResult:
+def cw_l2(logits_fn: LogitsFn, x: jax.Array, *, label: jax.Array | None = None, target: jax.Array | None = None,
+          key: jax.Array | None = None, config: CWConfig | None = None) -> AttackResult:
     """Carlini–Wagner L2, batched (see the module docstring for the exact algorithm).
 
     ``label=None`` uses the clean prediction; ``target`` makes it targeted.
     ``AttackResult.iterations`` is the number of Adam steps each sample ran
     (summed over rounds).
     """
-    cfg = make_config(CWConfig, config, kwargs)
+    cfg = resolve_config(CWConfig, config)
     logits_fn, x, label, target, num_classes = prepare(logits_fn, x, label, target)
     if label is None:
         label = predict(logits_fn, x)

@@ -54,7 +54,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxroute.attacks.core import (
-    AttackResult, LogitsFn, bcast, check_int, compaction_widths, finish, make_config, prepare,
+    AttackResult, LogitsFn, bcast, check_int, compaction_widths, finish, prepare, resolve_config,
     step_live_rows,
 )
 
@@ -79,8 +79,9 @@ class DeepFoolConfig:
             check_int(self.compaction, "compaction", minimum=2)
 
 
-def deepfool(logits_fn: LogitsFn, x: jax.Array, config: DeepFoolConfig | None = None, *,
-             label: jax.Array | None = None, **kwargs) -> AttackResult:
+def deepfool(logits_fn: LogitsFn, x: jax.Array, *, label: jax.Array | None = None,
+             target: jax.Array | None = None, key: jax.Array | None = None,
+             config: DeepFoolConfig | None = None) -> AttackResult:
     """Untargeted L2 DeepFool (see the module docstring for the exact update).
 
     ``label=None``: y is the clean prediction (the paper's setting); with a
@@ -88,7 +89,9 @@ def deepfool(logits_fn: LogitsFn, x: jax.Array, config: DeepFoolConfig | None = 
     iteration 0 with a zero perturbation (as in torchattacks).
     ``AttackResult.iterations`` holds each sample's number of updates.
     """
-    cfg = make_config(DeepFoolConfig, config, kwargs)
+    if target is not None:
+        raise ValueError("deepfool is untargeted; it takes no target")
+    cfg = resolve_config(DeepFoolConfig, config)
     logits_fn, x, label, _, num_classes = prepare(logits_fn, x, label, None)
     kc = num_classes if cfg.num_candidates is None else cfg.num_candidates
     if kc > num_classes:

@@ -17,18 +17,14 @@ pixel by about ``lr`` in the optimizer's own units: a step size s on
 perturbation, which shrinks by 255 on [0, 1]; the same objective therefore
 needs ``λ_[0,1] = 255 · λ_[0,255]``.
 
-Defaults (UNVERIFIED).  ``steps=20`` follows the 10–20 iterations the
-project's issue quotes from the paper; ``lr = 6/255`` and ``lam = 0.1·255``
-are the conversions of an Adam step size of 6 and λ = 0.1 on [0, 255],
-values its first author wrote from memory.  A search of the stored public
-text corpora (pages, docs, code; abstracts and summaries of arXiv:1708.05493
-and of its 2019 revision arXiv:1901.09035 only, no full text, and no public
-code of the authors) could not confirm the step size or λ, so both remain
-unverified against the paper; they are plain config fields.  The objective
+Defaults.  ``steps=20`` is the top of the paper's "10 ~ 20 iterations".
+``lr = 6/255`` and ``lam = 0.1·255`` are the conversions of an Adam step
+size of 6 and λ = 0.1 on [0, 255]; the paper gives λ no value, so both are
+plain config fields, unverified against the paper's text.  The objective
 (L2 norm, not squared; sum of per-model cross-entropies), Adam, and the
-least-likely targets by average ensemble probability follow the issue's
-statement of the method.  ``stop_on_success`` and the [0, 1] projection
-after every step are this implementation's choices (stated below).
+least-likely targets by average ensemble probability follow the paper.
+``stop_on_success`` and the [0, 1] projection after every step are this
+implementation's choices (stated below).
 
 Early stop (``stop_on_success=True``): a row stops changing at the first
 iterate that EVERY model classifies as y* (the smallest-perturbation
@@ -47,7 +43,7 @@ import optax
 
 from jaxroute.attacks.core import (
     AttackResult, LogitsFn, bcast, check_int, check_labels, check_positive, cross_entropy,
-    check_images, l2_norm, linf_norm, loop_friendly, make_config, num_classes_of, per_sample,
+    check_images, l2_norm, linf_norm, loop_friendly, num_classes_of, per_sample, resolve_config,
 )
 
 
@@ -73,20 +69,21 @@ def least_likely(logits_fns: Sequence[LogitsFn], x: jax.Array, k: int = 1) -> ja
     return jnp.argsort(p, axis=-1)[:, :k].astype(jnp.int32)
 
 
-def ensemble_attack(logits_fns: Sequence[LogitsFn] | LogitsFn, x: jax.Array,
-                    config: EnsembleConfig | None = None, *, target: jax.Array | None = None,
-                    **kwargs) -> AttackResult:
+def ensemble_attack(logits_fns: Sequence[LogitsFn] | LogitsFn, x: jax.Array, *,
+                    label: jax.Array | None = None, target: jax.Array | None = None,
+                    key: jax.Array | None = None, config: EnsembleConfig | None = None) -> AttackResult:
     """Targeted ensemble-optimization attack (see the module docstring).
 
     ``logits_fns``: one or more ``x -> logits`` functions (a tuple is
     hashable, so ``functools.partial(ensemble_attack, fns, config=cfg)``
     jits).  ``target`` (B,) or (B, k) int overrides the least-likely
     targets.  Returns B·k rows, sample-major: row ``b*k + j`` attacks image
-    b towards ``target[b*k + j]``; ``label`` is the clean ensemble
-    prediction, repeated.  ``x`` itself is ``jnp.repeat(x, k, axis=0)`` of
+    b towards ``target[b*k + j]``; ``label`` is the given label (only
+    recorded: the attack is always targeted), else the clean ensemble
+    prediction, repeated.  ``key`` is accepted and ignored (deterministic).  ``x`` itself is ``jnp.repeat(x, k, axis=0)`` of
     the input, so ``result.adv.reshape(B, k, H, W, C)`` groups by image.
     """
-    cfg = make_config(EnsembleConfig, config, kwargs)
+    cfg = resolve_config(EnsembleConfig, config)
     fns = (logits_fns,) if callable(logits_fns) else tuple(logits_fns)
     if not fns or not all(callable(f) for f in fns):
         raise TypeError("logits_fns must be a callable or a non-empty sequence of callables x -> logits")
@@ -106,7 +103,10 @@ def ensemble_attack(logits_fns: Sequence[LogitsFn] | LogitsFn, x: jax.Array,
         return sum(jax.nn.softmax(z, axis=-1) for z in logits) / n, logits
 
     p0, _ = avg_prob(x)
-    label = jnp.repeat(jnp.argmax(p0, axis=-1).astype(jnp.int32), k)
+    label = check_labels(label, b, "label", num_classes)
+    if label is None:
+        label = jnp.argmax(p0, axis=-1).astype(jnp.int32)
+    label = jnp.repeat(label, k)
     if target is None:
         t = jnp.argsort(p0, axis=-1)[:, :k].astype(jnp.int32).reshape(-1)
     else:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from jaxroute.attacks.core import (
     AttackResult, LogitsFn, bcast, ce_grad, check_int, check_positive, cross_entropy, finish,
-    l2_norm, make_config, predict, prepare,
+    l2_norm, predict, prepare, resolve_config,
 )
 
 
@@ -47,8 +47,8 @@ class FGSMConfig:
         check_positive(self.eps, "eps")
 
 
-def fgsm(logits_fn: LogitsFn, x: jax.Array, config: FGSMConfig | None = None, *,
-         label: jax.Array | None = None, target: jax.Array | None = None, **kwargs) -> AttackResult:
+def fgsm(logits_fn: LogitsFn, x: jax.Array, *, label: jax.Array | None = None, target: jax.Array | None = None,
+         key: jax.Array | None = None, config: FGSMConfig | None = None) -> AttackResult:
     """Fast gradient sign method, one step of size ``eps``.
 
     * ``label`` given: untargeted with the true label (``+eps·sign``);
@@ -58,7 +58,7 @@ def fgsm(logits_fn: LogitsFn, x: jax.Array, config: FGSMConfig | None = None, *,
     Cost: one forward + one backward (+ one forward to evaluate the result).
     Identical to ``torchattacks.FGSM(model, eps)`` (targeted: ``set_mode_targeted_by_label``).
     """
-    cfg = make_config(FGSMConfig, config, kwargs)
+    cfg = resolve_config(FGSMConfig, config)
     logits_fn, x, label, target, _ = prepare(logits_fn, x, label, target)
     if target is None and label is None:
         # one forward serves both the prediction and the gradient
@@ -108,14 +108,14 @@ class BIMConfig:
             check_positive(self.alpha, "alpha")
 
 
-def bim(logits_fn: LogitsFn, x: jax.Array, config: BIMConfig | None = None, *,
-        label: jax.Array | None = None, target: jax.Array | None = None, **kwargs) -> AttackResult:
+def bim(logits_fn: LogitsFn, x: jax.Array, *, label: jax.Array | None = None, target: jax.Array | None = None,
+        key: jax.Array | None = None, config: BIMConfig | None = None) -> AttackResult:
     """Iterative FGSM / BIM (see :class:`BIMConfig` for the exact update).
 
     ``label=None`` uses the clean prediction as y_true (fixed for all steps).
     Every sample runs all ``steps`` (no early stop), in one ``lax.fori_loop``.
     """
-    cfg = make_config(BIMConfig, config, kwargs)
+    cfg = resolve_config(BIMConfig, config)
     logits_fn, x, label, target, _ = prepare(logits_fn, x, label, target)
     y, sign, label = _labels(logits_fn, x, label, target)
     project = cfg.alpha is not None
@@ -164,11 +164,10 @@ class PGDConfig:
             raise ValueError(f"norm must be 'linf' or 'l2', got {self.norm!r}")
 
 
-def pgd(logits_fn: LogitsFn, x: jax.Array, key: jax.Array | None = None,
-        config: PGDConfig | None = None, *, label: jax.Array | None = None,
-        target: jax.Array | None = None, **kwargs) -> AttackResult:
+def pgd(logits_fn: LogitsFn, x: jax.Array, *, label: jax.Array | None = None, target: jax.Array | None = None,
+        key: jax.Array | None = None, config: PGDConfig | None = None) -> AttackResult:
     """PGD in L∞ or L2 (see :class:`PGDConfig`); ``key`` drives the random start."""
-    cfg = make_config(PGDConfig, config, kwargs)
+    cfg = resolve_config(PGDConfig, config)
     logits_fn, x, label, target, _ = prepare(logits_fn, x, label, target)
     if cfg.random_start and key is None:
         raise ValueError("PGD with random_start=True needs an explicit PRNG key (key=jax.random.key(...))")

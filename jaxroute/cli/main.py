@@ -20,9 +20,9 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 def _cpu_devices_per_core() -> None:
     """On CPU, one JAX device per core (see :mod:`jaxroute.utils.devices`).
 
-    The route job splits each batch over all local devices; on the project's
-    2-core machine this routes ResNet-20 at 26.90 instead of 16.52 images/s
-    (batch 128; ``benchmarks/README.md``, session 10).  How a batch is split
+    The route job splits each batch over all local devices; on a 2-core CPU
+    this routes ResNet-20 faster than one device over both cores
+    (``benchmarks/README.md``).  How a batch is split
     does not change a sample's gates; with at most one core per device the
     16-channel convs are also computed over column pairs (faster, other float
     rounding; :mod:`jaxroute.utils.conv_grads`).  No effect on GPU/TPU devices.
@@ -51,7 +51,7 @@ def _emit(result: dict, as_json: bool, human: str | None = None) -> None:
 def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--model", required=required, help="architecture name (see `jaxroute info`)")
     p.add_argument("--weights", help="jaxroute checkpoint dir, or a PyTorch .th/.pt/.pth file (needs torch)")
-    p.add_argument("--gate-placement", choices=("post_act", "conv"), default=None,
+    p.add_argument("--gate-placement", choices=("post_act", "conv", "block"), default=None,
                    help="where the gates sit (default: the checkpoint's, else post_act)")
 
 
@@ -65,6 +65,7 @@ def _add_data_args(p: argparse.ArgumentParser, split: str = "test") -> None:
 
 
 def _load(args, need_weights: bool = False):
+    """The GatedModel the arguments name."""
     from jaxroute.weights import load_model
 
     if need_weights and not args.weights and args.model != "digits_cnn":
@@ -84,13 +85,74 @@ def _data(args, split=None, stream: bool = False):
                         cache_dir=args.data_dir, download=args.download, stream=stream)
 
 
-def _check_data_fits(loaded, ds) -> None:
-    shape = tuple(ds.images.shape[1:])
-    if shape != tuple(loaded.meta.input_shape):
-        raise ValueError(f"data {ds.name!r} has images of shape {shape}, model {loaded.meta.arch} "
-                         f"expects {tuple(loaded.meta.input_shape)}")
-    if loaded.meta.num_classes < len(ds.class_names):
-        raise ValueError(f"data has {len(ds.class_names)} classes, model outputs {loaded.meta.num_classes}")
+def _check_new_output(path, overwrite: bool) -> None:
+    """A checkpoint directory about to be written: refuse an existing one (unless overwrite), check writability."""
+    from pathlib import Path
+
+    from jaxroute.utils.io import check_writable_dir
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists (pass --overwrite to replace it)")
+    check_writable_dir(path.parent if str(path.parent) else Path("."))
+
+
+def _wait_for_port(address: str, timeout: float) -> None:
+    """Wait until ``host:port`` accepts TCP connections, logging progress; ValueError after ``timeout`` s."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"--coordinator must be host:port, got {address!r}")
+    deadline, last_log = time.monotonic() + timeout, time.monotonic()
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+                return
+        except OSError as e:
+            err = e.strerror or type(e).__name__
+        now = time.monotonic()
+        if now >= deadline:
+            raise ValueError(f"the coordinator {address} did not answer within {timeout:g} s ({err}); start "
+                             "process 0 first, or check the address")
+        if now - last_log >= 10:
+            _log(f"waiting for the coordinator {address} ({err}); {deadline - now:.0f} s left")
+            last_log = now
+        time.sleep(0.5)
+
+
+def _init_distributed(args) -> None:
+    """Join a jax.distributed job with a bounded wait and a one-line error if the coordinator never answers."""
+    import jax
+
+    if args.num_processes is None or args.process_id is None:
+        raise ValueError("--coordinator needs --num-processes and --process-id")
+    if not 0 <= args.process_id < args.num_processes:
+        raise ValueError(f"--process-id must be in [0, {args.num_processes}), got {args.process_id}")
+    if args.init_timeout < 1:
+        raise ValueError(f"--init-timeout must be >= 1 second, got {args.init_timeout}")
+    _log(f"joining {args.num_processes} processes at {args.coordinator} as process {args.process_id} "
+         f"(waiting up to {args.init_timeout} s)")
+    if args.process_id != 0:
+        # XLA aborts the whole process (with a C++ stack trace) when it cannot reach the coordinator:
+        # wait for the coordinator's port here first, so an unreachable one ends with one line.
+        _wait_for_port(args.coordinator, args.init_timeout)
+    try:
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                                   initialization_timeout=args.init_timeout)
+    except Exception as e:  # the runtime raises various types (XlaRuntimeError, RuntimeError)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"could not join the distributed job at {args.coordinator} within "
+                         f"{args.init_timeout} s: {first}") from None
+
+
+def _data_for(model, args, split=None, stream: bool = False):
+    """The data set the arguments name, checked against the model."""
+    from jaxroute.models.gated import check_dataset_fits
+
+    ds = _data(args, split, stream=stream)
+    check_dataset_fits(model, ds)
+    return ds
 
 
 # --------------------------------------------------------------------------- info
@@ -123,12 +185,11 @@ def cmd_info(args) -> dict:
 def cmd_eval(args) -> dict:
     from jaxroute.training import eval_logits, topk_accuracy
 
-    loaded = _load(args, need_weights=True)
-    ds = _data(args)
-    _check_data_fits(loaded, ds)
+    model = _load(args, need_weights=True)
+    ds = _data_for(model, args)
     t = time.perf_counter()
-    logits = eval_logits(loaded.module, loaded.variables, ds, args.batch_size)
-    res = {"model": loaded.meta.arch, "data": args.data, "split": args.split, "n": int(len(ds.labels)),
+    logits = eval_logits(model, ds, args.batch_size)
+    res = {"model": model.name, "data": args.data, "split": args.split, "n": int(len(ds.labels)),
            **topk_accuracy(logits, ds.labels), "seconds": time.perf_counter() - t}
     human = f"{res['model']} on {args.data}/{args.split}: n={res['n']} top1={res['top1']:.4f} top5={res['top5']:.4f}"
     return res, human
@@ -141,20 +202,20 @@ def cmd_train(args) -> dict:
     from jaxroute.training import TrainConfig, eval_logits, fit, topk_accuracy
     from jaxroute.weights import save_model
 
-    loaded = _load(args)
-    train = _data(args, split="train")
-    _check_data_fits(loaded, train)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       flip=args.augment, pad_crop=4 if args.augment else 0)
+    _check_new_output(args.out, args.overwrite)
+    model = _load(args)
+    train = _data_for(model, args, split="train")
     t = time.perf_counter()
-    variables = fit(loaded.module, loaded.variables, train, cfg, progress=not args.no_progress, log=_log)
+    model = model.with_variables(fit(model, train, cfg, progress=not args.no_progress, log=_log))
     seconds = time.perf_counter() - t
-    test = _data(args, split="test")
-    acc = topk_accuracy(eval_logits(loaded.module, variables, test), test.labels)
-    meta = dataclasses.replace(loaded.meta, class_names=tuple(train.class_names),
+    test = _data_for(model, args, split="test")
+    acc = topk_accuracy(eval_logits(model, test), test.labels)
+    meta = dataclasses.replace(model.meta, class_names=tuple(train.class_names),
                                source=f"jaxroute train --data {args.data} ({cfg})")
-    path = save_model(args.out, variables, meta, overwrite=args.overwrite)
-    res = {"model": loaded.meta.arch, "out": str(path), "train_seconds": seconds, "n_train": int(len(train.labels)),
+    path = save_model(args.out, model.variables, meta, overwrite=args.overwrite)
+    res = {"model": model.name, "out": str(path), "train_seconds": seconds, "n_train": int(len(train.labels)),
            "n": int(len(test.labels)), **acc}
     human = (f"trained {res['model']} in {seconds:.1f}s; test top1={acc['top1']:.4f} top5={acc['top5']:.4f}; "
              f"saved to {path}")
@@ -165,53 +226,55 @@ def cmd_train(args) -> dict:
 def cmd_convert(args) -> dict:
     from jaxroute.weights import save_model
 
-    loaded = _load(args)
     if not args.weights:
         raise ValueError("convert needs --weights (a PyTorch file)")
-    path = save_model(args.out, loaded.variables, loaded.meta, overwrite=args.overwrite)
-    res = {"model": loaded.meta.arch, "out": str(path)}
+    _check_new_output(args.out, args.overwrite)
+    model = _load(args)
+    path = save_model(args.out, model.variables, model.meta, overwrite=args.overwrite)
+    res = {"model": model.name, "out": str(path)}
     return res, f"converted {args.weights} -> {path}"
 
 
 # --------------------------------------------------------------------------- route
-def cmd_route(args) -> dict:
-    import dataclasses
+def _route_config(args):
+    """The router config of the chosen method from the CLI options (validated by the dataclass)."""
+    from jaxroute.routing import DGRConfig, PruneConfig
 
+    if args.method == "dgr":
+        fields = {"steps": args.steps, "lr": args.lr, "momentum": args.momentum, "gamma": args.gamma,
+                  "clip_min": args.clip_min, "clip_max": args.clip_max}
+        return DGRConfig(**{k: v for k, v in fields.items() if v is not None})
+    return PruneConfig(**({} if args.prune_frac is None else {"frac": args.prune_frac}))
+
+
+def cmd_route(args) -> dict:
     import jax
 
-    from jaxroute.routing import DGRConfig
-    from jaxroute.routing.job import (
-        RouteJob, batch_size_for_memory, make_router, parse_bytes, run_route_job,
-    )
+    from jaxroute.extraction import batch_size_for_memory, parse_bytes, plan_batches
+    from jaxroute.routing import route_dataset, route_outputs
+    from jaxroute.utils.io import check_writable_dir
 
-    if args.coordinator:
-        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    dgr = DGRConfig(steps=args.steps, lr=args.lr, momentum=args.momentum, gamma=args.gamma,
-                    clip_min=args.clip_min, clip_max=args.clip_max)
+    config = _route_config(args)  # bad arguments fail before anything is loaded or written
     budget = parse_bytes(args.memory_budget) if args.memory_budget else None
-    if args.batch_size is None:
-        args.batch_size = 32 if jax.default_backend() == "cpu" else 256
-    # Built before anything is loaded, so bad arguments fail at once.
-    job = RouteJob(model=args.model, weights=str(args.weights or ""), data=args.data, split=args.split,
-                   limit=args.limit, method=args.method, dgr=dgr, prune_frac=args.prune_frac,
-                   gate_placement=args.gate_placement or "post_act", batch_size=args.batch_size,
-                   shard_size=args.shard_size)
-    loaded = _load(args, need_weights=True)
-    job = dataclasses.replace(job, model=loaded.meta.arch, gate_placement=loaded.module.gate_placement)
+    for name in ("batch_size", "shard_size"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    check_writable_dir(args.out)
+    if args.coordinator:
+        _init_distributed(args)
+    model = _load(args, need_weights=True)
+    batch_size = args.batch_size or (32 if jax.default_backend() == "cpu" else 256)
     if budget is not None:
-        b = batch_size_for_memory(make_router(loaded, args.method, dgr, args.prune_frac),
-                                  loaded.meta.input_shape, budget)
-        b = min(b, args.shard_size)
-        shard = -(-args.shard_size // b) * b
-        _log(f"memory budget {budget / 2**20:.0f} MiB per device -> batch size {b}, shard size {shard}")
-        job = dataclasses.replace(job, batch_size=b, shard_size=shard)
-    ds = _data(args, stream=True)  # an ImageFolder is read batch by batch from its decoded cache
-    _check_data_fits(loaded, ds)
-    fit = -(-len(ds.images) // jax.device_count())
-    if fit < job.batch_size:  # a small data set: padding a batch it cannot fill is wasted work
-        job = dataclasses.replace(job, batch_size=fit, shard_size=-(-job.shard_size // fit) * fit)
-        _log(f"{len(ds.images)} images on {jax.device_count()} device(s): batch size {fit} per device")
-    summary = run_route_job(loaded, ds, args.out, job, progress=not args.no_progress, log=_log)
+        batch_size = batch_size_for_memory(route_outputs(model, args.method, config), model.input_shape, budget)
+        _log(f"memory budget {budget / 2**20:.0f} MiB per device -> batch size {batch_size}")
+    ds = _data_for(model, args, stream=True)  # an ImageFolder is read batch by batch from its decoded cache
+    plan = plan_batches(len(ds.images), batch_size, args.shard_size)
+    if plan.batch_size < batch_size:
+        _log(f"{len(ds.images)} images on {plan.devices} device(s): batch size {plan.batch_size} per device")
+    source = {"weights": str(args.weights or ""), "data": args.data, "split": args.split, "limit": args.limit}
+    summary = route_dataset(model, ds, args.out, plan=plan, method=args.method, config=config, source=source,
+                            progress=not args.no_progress, log=_log)
     keys = ("n", "method", "top1_agreement", "top1_accuracy", "top5_accuracy", "full_top1", "full_top5",
             "sparsity", "sparsity_std", "fallback_fraction", "images_per_s", "seconds")
     res = {k: summary.get(k) for k in keys}
@@ -303,58 +366,29 @@ def _attack_config(args) -> dict:
 
 def cmd_attack(args) -> dict:
     """Attack a data set and save the adversarial images as a routable SPLIT.npz."""
-    from pathlib import Path
-
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
-    from jaxroute.attacks import make_attack
-    from jaxroute.utils.devices import map_batches
-    from jaxroute.utils.io import atomic_save_npz
+    from jaxroute.attacks import ATTACKS, attack_dataset
+    from jaxroute.data import save_arrays_split
+    from jaxroute.utils.io import check_writable_dir
 
     name = ATTACK_METHODS[args.method][0]
     kw = _attack_config(args)
+    config = ATTACKS[name][1](**kw)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    loaded = _load(args, need_weights=True)
-    ds = _data(args)
-    _check_data_fits(loaded, ds)
+    out = check_writable_dir(args.out)
+    model = _load(args, need_weights=True)
+    ds = _data_for(model, args)
     if ds.labels is None:
         raise ValueError(f"data {ds.name!r} has no labels; the attacks need the true labels")
-    lf = loaded.logits_fn()
-
-    def f(x):
-        return lf(None, x)
-
-    attack = make_attack(name, (f,) if name == "ensemble" else f, **kw)
-    clean = jax.jit(f)
-    k_attack, k_target = jax.random.split(jax.random.key(args.seed))
-    batch_size = min(args.batch_size, len(ds.images))  # no padding beyond a small data set
-
-    def run(i, x, y):
-        y = jnp.asarray(y, jnp.int32)
-        logits = clean(x)
-        k = logits.shape[-1]
-        target = None
-        if args.target == "least_likely" and name != "ensemble":  # the ensemble attack's own default
-            target = jnp.argmin(jnp.where(jax.nn.one_hot(y, k, dtype=bool), jnp.inf, logits), -1)
-        elif args.target == "random":  # uniform over the classes other than the true one
-            target = (y + jax.random.randint(jax.random.fold_in(k_target, i), y.shape, 1, k)) % k
-        call = {"label": y} if name != "ensemble" else {}
-        if name == "pgd":
-            call["key"] = jax.random.fold_in(k_attack, i)
-        if target is not None:
-            call["target"] = target.astype(jnp.int32)
-        r = attack(x, **call)
-        reps = r.adv.shape[0] // x.shape[0]  # the ensemble attack returns k adversarials per image
-        return {"images": r.adv, "adv_pred": r.adv_pred, "success": r.success, "linf": r.linf, "l2": r.l2,
-                "labels": jnp.repeat(y, reps), "clean_pred": jnp.repeat(jnp.argmax(logits, -1), reps),
-                "target": r.target if r.target is not None else jnp.full(r.adv.shape[0], -1, jnp.int32)}
-
-    arrays = map_batches(run, (ds.images, ds.labels), batch_size)
-    out = Path(args.out)
-    atomic_save_npz(out / f"{args.split}.npz", class_names=np.array(ds.class_names), **arrays)
+    f = (model.logits,) if name == "ensemble" else model.logits
+    arrays = attack_dataset(f, ds.images, ds.labels, attack=name, config=config, targets=args.target,
+                            key=jax.random.key(args.seed), batch_size=args.batch_size)
+    images, labels = arrays.pop("images"), arrays.pop("labels")
+    path = save_arrays_split(out, args.split, images, labels, ds.class_names, **arrays)
+    arrays["labels"] = labels
     targeted = name == "ensemble" or args.target != "none"
     res = {"n": int(len(arrays["labels"])), "method": args.method,
            "target": ("least_likely" if name == "ensemble" and args.target == "none" else args.target),
@@ -366,32 +400,26 @@ def cmd_attack(args) -> dict:
     what = "hit the target" if targeted else "changed the label"
     human = (f"{args.method} on {res['n']} images: success ({what}) {res['success_rate']:.4f}, mean Linf "
              f"{res['mean_linf']:.4f}, mean L2 {res['mean_l2']:.4f}, top-1 {res['clean_top1']:.4f} -> "
-             f"{res['adv_top1']:.4f}; saved {out / (args.split + '.npz')}")
+             f"{res['adv_top1']:.4f}; saved {path}")
     return res, human
 
 
 # --------------------------------------------------------------------------- detect
 def cmd_detect(args) -> dict:
     """Train and evaluate real-vs-adversarial detectors from saved extraction outputs."""
-    import numpy as np
+    from jaxroute.detection import CLASSIFIERS, evaluate_outputs
 
-    from jaxroute.detection import evaluate_protocol
-    from jaxroute.routing.job import load_shards
-
-    parts = {k: load_shards(getattr(args, k)) for k in ("train_real", "train_adv", "test_real", "test_adv")}
-    for split in ("train", "test"):
-        r, a = parts[f"{split}_real"], parts[f"{split}_adv"]
-        if len(r["index"]) != len(a["index"]) or not np.array_equal(r["index"], a["index"]):
-            raise ValueError(f"--{split}-real and --{split}-adv must route the same images in the same order "
-                             f"(each adversarial image is its real image's twin): {len(r['index'])} vs "
-                             f"{len(a['index'])} samples")
-    if args.feature not in parts["train_real"]:
-        raise ValueError(f"feature {args.feature!r} is not in the shards (has {sorted(parts['train_real'])})")
-    f = {k: v[args.feature].reshape(len(v[args.feature]), -1) for k, v in parts.items()}
-    sizes = tuple(int(s) for s in args.sizes.split(","))
-    rows = evaluate_protocol(f["train_real"], f["train_adv"], parts["train_real"]["label"], f["test_real"],
-                             f["test_adv"], sizes=sizes, runs=args.runs, classifiers=tuple(args.classifiers.split(",")),
-                             seed=args.seed)
+    try:
+        sizes = tuple(int(s) for s in args.sizes.split(","))
+    except ValueError:
+        raise ValueError(f"--sizes must be comma-separated integers, got {args.sizes!r}") from None
+    classifiers = tuple(args.classifiers.split(","))
+    unknown = [c for c in classifiers if c not in CLASSIFIERS]
+    if unknown or min(sizes) < 1 or args.runs < 1:
+        raise ValueError(f"need classifiers out of {sorted(CLASSIFIERS)}, sizes >= 1 and --runs >= 1 "
+                         f"(got {args.classifiers!r}, {args.sizes!r}, {args.runs})")
+    rows = evaluate_outputs(args.train_real, args.train_adv, args.test_real, args.test_adv, feature=args.feature,
+                            sizes=sizes, runs=args.runs, classifiers=classifiers, seed=args.seed)
     res = {"feature": args.feature, "rows": rows}
     for r in rows:  # headline: the largest training size
         if r["per_class"] == max(sizes):
@@ -401,13 +429,26 @@ def cmd_detect(args) -> dict:
     return res, human
 
 
+ROUTER_NAMES = ("dgr", "awr", "aar")  # jaxroute.routing.ROUTERS, named here so the parser imports no JAX
+
+
+def _defaults(config: str) -> dict:
+    """Field defaults of a router config class, for the help texts (one source of truth)."""
+    import dataclasses
+
+    from jaxroute.routing import dgr, pruning
+
+    cls = {"DGRConfig": dgr.DGRConfig, "PruneConfig": pruning.PruneConfig}[config]
+    return {f.name: f.default for f in dataclasses.fields(cls)}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxroute", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("info", help="list models, or show one model's gate layout")
     s.add_argument("--model")
-    s.add_argument("--gate-placement", choices=("post_act", "conv"), default=None)
+    s.add_argument("--gate-placement", choices=("post_act", "conv", "block"), default=None)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_info)
 
@@ -443,14 +484,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(s)
     _add_data_args(s)
     s.add_argument("--out", required=True)
-    s.add_argument("--method", choices=("dgr", "awr", "aar"), default="dgr")
-    s.add_argument("--steps", type=int, default=30, help="DGR: SGD steps T")
-    s.add_argument("--lr", type=float, default=0.1, help="DGR: learning rate")
-    s.add_argument("--momentum", type=float, default=0.9, help="DGR: momentum")
-    s.add_argument("--gamma", type=float, default=0.05, help="DGR: L1 weight")
-    s.add_argument("--clip-min", type=float, default=0.0)
-    s.add_argument("--clip-max", type=float, default=10.0)
-    s.add_argument("--prune-frac", type=float, default=0.02, help="AWR/AAR: fraction pruned per iteration")
+    s.add_argument("--method", choices=sorted(ROUTER_NAMES), default="dgr")
+    d = _defaults("DGRConfig")
+    s.add_argument("--steps", type=int, default=None, help=f"DGR: SGD steps T (default {d['steps']})")
+    s.add_argument("--lr", type=float, default=None, help=f"DGR: learning rate (default {d['lr']})")
+    s.add_argument("--momentum", type=float, default=None, help=f"DGR: momentum (default {d['momentum']})")
+    s.add_argument("--gamma", type=float, default=None, help=f"DGR: L1 weight (default {d['gamma']})")
+    s.add_argument("--clip-min", type=float, default=None, help=f"DGR: lower gate bound (default {d['clip_min']})")
+    s.add_argument("--clip-max", type=float, default=None, help=f"DGR: upper gate bound (default {d['clip_max']})")
+    s.add_argument("--prune-frac", type=float, default=None,
+                   help=f"AWR/AAR: fraction pruned per iteration (default {_defaults('PruneConfig')['frac']})")
     s.add_argument("--batch-size", type=int, default=None,
                    help="images routed at once per device (bounds memory); default 32 on a CPU, where one "
                         "device per core routes fastest at small batches (benchmarks/README.md), 256 on a "
@@ -461,6 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--coordinator", help="jax.distributed coordinator address host:port (multi-host)")
     s.add_argument("--num-processes", type=int, default=None)
     s.add_argument("--process-id", type=int, default=None)
+    s.add_argument("--init-timeout", type=int, default=60,
+                   help="seconds to wait for the other processes of a --coordinator job (default 60)")
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_route)

@@ -4,6 +4,7 @@
 trees of JPEG/PNG, CIFAR-10 python batches and tfds (TF-free, array_record);
 ``batches`` cuts any of them into fixed-shape batches for jitted code.
 """
+from .arrays import load_arrays_split, save_arrays_split
 from .core import Batch, Dataset, as_dataset, batches, num_batches
 from .imagefolder import default_cache_dir
 from .registry import load_dataset
@@ -15,7 +16,9 @@ __all__ = [
     "as_dataset",
     "batches",
     "default_cache_dir",
+    "load_arrays_split",
     "load_dataset",
     "num_batches",
     "prepare_imagefolder_tfds",
+    "save_arrays_split",
 ]

@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 
+from .arrays import arrays_split_path, load_arrays_split
 from .core import Dataset, check_limit
 
 TFDS_PREFIX = "tfds:"
@@ -67,8 +67,8 @@ def load_dataset(spec: str, split: str = "test", limit: int | None = None, cache
     if not _looks_like_path(spec):
         raise ValueError(f"unknown dataset spec {spec!r}: not a known name and no such folder; expected {SPEC_HELP}")
     root = Path(spec).expanduser()
-    if (root / f"{split}.npz").is_file():
-        return load_arrays_split(root / f"{split}.npz", limit)
+    if arrays_split_path(root, split).is_file():
+        return load_arrays_split(arrays_split_path(root, split), limit)
     from .cifar_pickle import is_cifar_pickle_dir, load_cifar_pickle
 
     if is_cifar_pickle_dir(root):
@@ -76,17 +76,3 @@ def load_dataset(spec: str, split: str = "test", limit: int | None = None, cache
     from .imagefolder import load_imagefolder
 
     return load_imagefolder(root, split, limit, cache_dir=cache_dir, stream=stream)
-
-
-def load_arrays_split(path: Path, limit: int | None) -> Dataset:
-    """A split stored as arrays: ``images`` (N,H,W,C) in [0,1] or uint8, ``labels``,
-    optional ``class_names`` -- the format `jaxroute attack` writes its adversarial images in."""
-    from .core import as_dataset
-
-    with np.load(path, allow_pickle=False) as z:
-        missing = {"images", "labels"} - set(z.files)
-        if missing:
-            raise ValueError(f"{path} lacks arrays {sorted(missing)} (has {z.files})")
-        n = len(z["labels"]) if limit is None else min(limit, len(z["labels"]))
-        names = tuple(str(c) for c in z["class_names"]) if "class_names" in z.files else None
-        return as_dataset(z["images"][:n], z["labels"][:n], names, name=str(path))

@@ -8,13 +8,12 @@ labels, which gives a single ROC point).  The same classifiers on another
 feature (e.g. penultimate activations) give the baseline that measures what
 the routing paths add.
 
-Detectors follow an init/fit/score shape over numpy arrays; each fit takes
-an explicit seed.
+Every detector follows one scikit-learn-style shape, :class:`Detector`:
+``fit(x, y)`` then ``score(x)``; random ones take an explicit seed.
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 from sklearn.ensemble import AdaBoostClassifier, GradientBoostingClassifier, RandomForestClassifier
@@ -25,6 +24,19 @@ CLASSIFIERS: dict[str, Callable[[int], object]] = {
     "adaboost": lambda seed: AdaBoostClassifier(n_estimators=100, random_state=seed),
     "gradient_boosting": lambda seed: GradientBoostingClassifier(n_estimators=100, random_state=seed),
 }
+
+
+class Detector(Protocol):
+    """The shape every detector shares (scikit-learn style).
+
+    ``fit(x, y)`` learns from (N, D) features and (N,) labels and returns the
+    detector; ``score(x)`` returns (N,) scores, higher = more likely
+    adversarial.  Supervised detectors take y = 0 (real) / 1 (adversarial).
+    """
+
+    def fit(self, x, y) -> "Detector": ...
+
+    def score(self, x) -> np.ndarray: ...
 
 
 def _check(x, y, what):
@@ -38,28 +50,31 @@ def _check(x, y, what):
     return x, y
 
 
-@dataclasses.dataclass
-class Detector:
-    """A fitted real-vs-adversarial classifier."""
+class TreeDetector:
+    """A tree-ensemble real-vs-adversarial classifier (DGR paper Eq. 4) over any feature vectors."""
 
-    name: str
-    model: object
+    def __init__(self, classifier: str = "random_forest", seed: int = 0):
+        if classifier not in CLASSIFIERS:
+            raise ValueError(f"unknown classifier {classifier!r}; one of {sorted(CLASSIFIERS)}")
+        self.classifier, self.seed = classifier, seed
+        self.model = None
+
+    def fit(self, x, y) -> "TreeDetector":
+        x, y = _check(x, y, "training set")
+        if len(np.unique(y)) < 2:
+            raise ValueError("training set needs both real (0) and adversarial (1) samples")
+        self.model = CLASSIFIERS[self.classifier](self.seed).fit(x, y)
+        return self
 
     def score(self, x) -> np.ndarray:
         """Probability that each row is adversarial."""
+        if self.model is None:
+            raise RuntimeError("fit the detector before scoring")
         return self.model.predict_proba(np.asarray(x))[:, 1]
 
 
-def fit_detector(name: str, x, y, seed: int) -> Detector:
-    if name not in CLASSIFIERS:
-        raise ValueError(f"unknown classifier {name!r}; one of {sorted(CLASSIFIERS)}")
-    x, y = _check(x, y, "training set")
-    if len(np.unique(y)) < 2:
-        raise ValueError("training set needs both real (0) and adversarial (1) samples")
-    return Detector(name, CLASSIFIERS[name](seed).fit(x, y))
-
-
 def detection_auc(det: Detector, x, y) -> float:
+    """ROC AUC of a fitted detector's scores on real (0) / adversarial (1) rows."""
     x, y = _check(x, y, "test set")
     return float(roc_auc_score(y, det.score(x)))
 
@@ -109,7 +124,7 @@ def evaluate_protocol(train_real, train_adv, train_labels, test_real, test_adv, 
             idx = _draw(train_labels, int(size), np.random.default_rng([seed, int(size), run]))
             x, y = real_vs_adv(train_real[idx], train_adv[idx])
             for c in classifiers:
-                det = fit_detector(c, x, y, seed=seed * 1000 + run)
+                det = TreeDetector(c, seed=seed * 1000 + run).fit(x, y)
                 aucs[c].append(detection_auc(det, test_x, test_y))
                 for k, (ex, ey) in extra.items():
                     extra_aucs[c][k].append(detection_auc(det, ex, ey))
@@ -121,3 +136,56 @@ def evaluate_protocol(train_real, train_adv, train_labels, test_real, test_adv, 
                                 for k, v in extra_aucs[c].items()}
             rows.append(row)
     return rows
+
+
+def paired_features(real: dict, adv: dict, feature: str, what: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """(N, D) features of real images and of their adversarial twins, from two extraction outputs.
+
+    Each adversarial image must be its real image's twin: the same sample indices in the same order.
+    """
+    if len(real["index"]) != len(adv["index"]) or not np.array_equal(real["index"], adv["index"]):
+        raise ValueError(f"{what}real and {what}adversarial outputs must hold the same images in the same order "
+                         f"(each adversarial image is its real image's twin): {len(real['index'])} vs "
+                         f"{len(adv['index'])} samples")
+    for d in (real, adv):
+        if feature not in d:
+            raise ValueError(f"feature {feature!r} is not in the outputs (they have {sorted(d)})")
+    return (real[feature].reshape(len(real[feature]), -1), adv[feature].reshape(len(adv[feature]), -1))
+
+
+def evaluate_outputs(train_real, train_adv, test_real, test_adv, *, feature: str = "cdrp", **protocol) -> list[dict]:
+    """:func:`evaluate_protocol` over four extraction outputs (``jaxroute route`` directories)."""
+    from jaxroute.extraction import load_manifest, load_shards
+
+    dirs = {"train_real": train_real, "train_adv": train_adv, "test_real": test_real, "test_adv": test_adv}
+    check_same_extraction({k: load_manifest(v) for k, v in dirs.items()})
+    parts = {k: load_shards(v) for k, v in dirs.items()}
+    tr, ta = paired_features(parts["train_real"], parts["train_adv"], feature, "training ")
+    er, ea = paired_features(parts["test_real"], parts["test_adv"], feature, "test ")
+    return evaluate_protocol(tr, ta, parts["train_real"]["label"], er, ea, **protocol)
+
+
+DATA_KEYS = ("data", "split", "limit")  # what may differ between the outputs a detector compares
+
+
+def check_same_extraction(manifests: dict[str, dict]) -> None:
+    """Refuse outputs computed by different models, gate layouts or hyper-parameters.
+
+    Real and adversarial paths are only comparable when everything but the
+    data is the same; a detector would otherwise learn the difference of the
+    settings (it scores near-perfectly on identical images routed two ways).
+    """
+    def setting(m):
+        job = {k: v for k, v in m.get("job", {}).items() if k not in DATA_KEYS}
+        return {"job": job, "extra": m.get("extra", {})}
+
+    first, *rest = manifests.items()
+    first = first[0]
+    for name, m in rest:
+        a, b = setting(manifests[first]), setting(m)
+        if a != b:
+            diff = [f"{k}: {a['job'].get(k)!r} vs {b['job'].get(k)!r}" for k in sorted(set(a["job"]) | set(b["job"]))
+                    if a["job"].get(k) != b["job"].get(k)] or ["gate layout / model metadata"]
+            raise ValueError(f"--{first.replace('_', '-')} and --{name.replace('_', '-')} were extracted with "
+                             f"different settings ({'; '.join(diff)}); route all four with the same model and "
+                             "hyper-parameters")

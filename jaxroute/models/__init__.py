@@ -12,6 +12,8 @@ import importlib
 _EXPORTS = {
     "gates": ("GateSpec", "GateTree", "apply_gate", "check_gates", "flatten_gates", "ones_gates",
               "unflatten_gates"),
+    "gated": ("Capture", "GatedModel"),
+    "meta": ("ModelMeta", "default_meta"),
     "registry": ("CIFAR10_CLASSES", "ModelCard", "create_model", "gate_spec", "init_model", "list_models",
                  "model_card"),
     "base": ("GATE_PLACEMENTS",),

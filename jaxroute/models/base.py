@@ -13,67 +13,111 @@ callers, attacks and routing never handle normalization themselves.
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import ClassVar, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from jaxroute.models.gates import apply_gate
+from jaxroute.models.gates import GateSpec, apply_gate, check_gates, gate_shape_problem
 
-GATE_PLACEMENTS = ("post_act", "conv")
+GATE_PLACEMENTS = ("post_act", "conv")   # every model has these
+BLOCK_PLACEMENT = "block"                  # residual networks also gate only their block outputs
+# which sites of the forward pass each placement gates (see GatePoints.site)
+PLACEMENT_SITES = {"post_act": ("act", "block"), "conv": ("conv",), "block": ("block",)}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class GatedModule(nn.Module):
+    """The fields every gate-aware model has (``create_model`` sets them from the model card).
+
+    Subclasses implement ``__call__(x, gates=None, train=False, capture=False)``,
+    starting with :func:`forward_start` and ending with :func:`finish`.
+    """
+
+    num_classes: int = 1000
+    gate_placement: str = "post_act"
+    mean: Sequence[float] = IMAGENET_MEAN
+    std: Sequence[float] = IMAGENET_STD
+
+    placements: ClassVar[tuple[str, ...]] = GATE_PLACEMENTS  # the placements this architecture offers
 
 
 class GatePoints:
-    """Applies gates at named points during one forward pass and records them.
+    """Applies gates at named points during one forward pass and records the activations.
 
-    It collects every problem with the gate tree (unknown names, missing
-    names, wrong channel counts) and raises one error listing all of them at
-    the end of the forward pass -- shapes are static, so this happens once at
-    trace time and costs nothing inside ``jit``.
+    ``gates`` is None, a gate tree (checked as a whole by
+    :func:`~jaxroute.models.gates.check_gates` when the pass ends, so one error
+    lists every problem) or a function ``(point_name, activation) -> gate``
+    (each returned gate's shape is checked as it is applied).  Shapes are
+    static, so the checks run once at trace time and cost nothing inside ``jit``.
     """
 
-    def __init__(self, gates: Mapping | None, batch: int):
-        if gates is not None and not isinstance(gates, Mapping):
-            raise TypeError(
-                f"gates must be a dict {{gate_point: array}} or None, got {type(gates).__name__}"
-            )
+    def __init__(self, gates, batch: int, placement: str = "post_act"):
+        if gates is not None and not isinstance(gates, Mapping) and not callable(gates):
+            raise TypeError("gates must be a dict {gate_point: array}, a function (point_name, activation) "
+                            f"-> gate, or None; got {type(gates).__name__}")
         self.gates = gates
         self.batch = batch
+        self.sites = PLACEMENT_SITES[placement]
         self.acts: dict[str, jax.Array] = {}
         self.problems: list[str] = []
 
     def __call__(self, name: str, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
         g = None
-        if self.gates is not None:
-            if name not in self.gates:
-                self.problems.append(f"missing gate point {name!r} ({c} channels)")
-            else:
-                g = self.gates[name]
-                shape = tuple(jnp.shape(g))
-                if shape != (c,) and shape != (self.batch, c):
-                    self.problems.append(
-                        f"{name!r}: got shape {shape}, expected ({c},) or ({self.batch}, {c})"
-                    )
-                    g = None
+        if isinstance(self.gates, Mapping):
+            g = self.gates.get(name)
+            if g is not None and gate_shape_problem(name, jnp.shape(g), c, self.batch):
+                g = None  # reported by check_gates in finish()
+        elif self.gates is not None:
+            g = self.gates(name, x)
+            problem = gate_shape_problem(name, jnp.shape(g), c, self.batch)
+            if problem:
+                self.problems.append(problem)
+                g = None
         x = apply_gate(x, g)
         self.acts[name] = x
         return x
 
+    def site(self, kind: str, name: str, x: jax.Array) -> jax.Array:
+        """A place in the forward pass where a gate may sit: ``kind`` is ``"conv"`` (a raw conv or
+        linear output), ``"act"`` (after a layer's activation) or ``"block"`` (a residual block's
+        output after its ReLU).  The model's placement decides which kinds are gate points."""
+        return self(name, x) if kind in self.sites else x
+
+    def spec(self) -> GateSpec:
+        return GateSpec(tuple(self.acts), tuple(int(v.shape[-1]) for v in self.acts.values()))
+
     def finish(self) -> dict[str, jax.Array]:
-        if self.gates is not None:
-            extra = [k for k in self.gates if k not in self.acts]
-            if extra:
-                self.problems.append(f"unexpected gate points {extra}")
+        spec = self.spec()
+        if isinstance(self.gates, Mapping):
+            check_gates(spec, self.gates, self.batch)
         if self.problems:
-            raise ValueError(
-                "gate tree does not match the model:\n  "
-                + "\n  ".join(self.problems)
-                + f"\n  the model's gate points, in forward order: "
-                + str([(k, v.shape[-1]) for k, v in self.acts.items()])
-            )
+            raise ValueError("the gate function returned gates that do not fit:\n  " + "\n  ".join(self.problems)
+                             + f"\n  the model's gate points, in forward order: {list(spec)}")
         return self.acts
+
+
+def forward_start(module, x: jax.Array, gates, channels: int, name: str):
+    """The common start of every model's forward pass.
+
+    Checks the gate placement and the input, and returns the gate points and
+    the normalized input: ``gp, h = forward_start(self, x, gates, 3, "resnet20")``.
+    """
+    check_placement(module.gate_placement, module.placements, type(module).__name__)
+    check_input(x, channels, name)
+    return GatePoints(gates, x.shape[0], module.gate_placement), normalize(x, module.mean, module.std)
+
+
+def gated_relu(gp: GatePoints, name: str, h: jax.Array, bn=None) -> jax.Array:
+    """A layer's (BN and) ReLU with gate point ``name`` around it: on the raw layer output
+    (``conv`` placement) or after the ReLU (``post_act``)."""
+    h = gp.site("conv", name, h)
+    if bn is not None:
+        h = bn(h)
+    return gp.site("act", name, nn.relu(h))
 
 
 def check_input(x: jax.Array, channels: int, name: str) -> None:
@@ -157,6 +201,6 @@ def finish(gp: GatePoints, logits: jax.Array, feats: jax.Array, capture: bool):
     return logits
 
 
-def check_placement(p: str) -> None:
-    if p not in GATE_PLACEMENTS:
-        raise ValueError(f"gate_placement must be one of {GATE_PLACEMENTS}, got {p!r}")
+def check_placement(p: str, allowed: tuple[str, ...] = GATE_PLACEMENTS, model: str = "this model") -> None:
+    if p not in allowed:
+        raise ValueError(f"gate_placement must be one of {allowed} for {model}, got {p!r}")

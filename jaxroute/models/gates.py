@@ -75,10 +75,20 @@ class GateSpec:
         return {n: flat[..., o : o + c] for n, c, o in zip(self.names, self.channels, self.offsets)}
 
 
-def check_gates(spec: GateSpec, gates: Mapping | None, batch: int | None = None) -> None:
-    """Raise a ValueError naming every mismatch between ``gates`` and ``spec``.
+def gate_shape_problem(name: str, shape: tuple, channels: int, batch: int | None = None) -> str | None:
+    """None if a gate of ``shape`` fits a point of ``channels`` channels, else what is wrong."""
+    shape = tuple(shape)
+    if shape == (channels,) or (len(shape) == 2 and shape[1] == channels and batch in (None, shape[0])):
+        return None
+    return f"{name!r}: got shape {shape}, expected ({channels},) or ({'B' if batch is None else batch}, {channels})"
 
-    Shapes are static under ``jit``, so this check costs nothing at run time.
+
+def check_gates(spec: GateSpec, gates: Mapping | None, batch: int | None = None) -> None:
+    """Raise a ValueError naming every mismatch between a gate tree and ``spec``.
+
+    The one validator of gate trees: the models call it at the end of each
+    forward pass (shapes are static under ``jit``, so it costs nothing at run
+    time).
     """
     if gates is None:
         return
@@ -87,28 +97,17 @@ def check_gates(spec: GateSpec, gates: Mapping | None, batch: int | None = None)
             f"gates must be a dict {{gate_point: array}} or None, got {type(gates).__name__}"
         )
     expected = dict(zip(spec.names, spec.channels))
-    missing = [n for n in spec.names if n not in gates]
+    lines = [f"missing gate point {n!r} ({c} channels)" for n, c in spec if n not in gates]
     unexpected = [n for n in gates if n not in expected]
-    misshaped = []
-    for name, g in gates.items():
-        if name not in expected:
-            continue
-        shape = tuple(np.shape(g))
-        c = expected[name]
-        ok = shape == (c,) or (len(shape) == 2 and shape[1] == c and (batch is None or shape[0] == batch))
-        if not ok:
-            want = f"({c},) or ({batch if batch is not None else 'B'}, {c})"
-            misshaped.append(f"{name}: got {shape}, expected {want}")
-    if missing or unexpected or misshaped:
-        lines = ["gate tree does not match the model's gate points:"]
-        if missing:
-            lines.append(f"  missing: {missing}")
-        if unexpected:
-            lines.append(f"  unexpected: {unexpected}")
-        if misshaped:
-            lines.append("  wrong shape: " + "; ".join(misshaped))
-        lines.append(f"  expected {len(spec)} gate points: {list(expected.items())}")
-        raise ValueError("\n".join(lines))
+    if unexpected:
+        lines.append(f"unexpected gate points {unexpected}")
+    misshaped = [p for n, g in gates.items() if n in expected
+                 for p in [gate_shape_problem(n, np.shape(g), expected[n], batch)] if p]
+    if misshaped:
+        lines.append("wrong shape: " + "; ".join(misshaped))
+    if lines:
+        raise ValueError("gate tree does not match the model's gate points:\n  " + "\n  ".join(lines)
+                         + f"\n  the model's {len(spec)} gate points, in forward order: {list(expected.items())}")
 
 
 def ones_gates(spec: GateSpec, batch: int | None = None, dtype=jnp.float32) -> GateTree:

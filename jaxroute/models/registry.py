@@ -16,7 +16,8 @@ import flax.linen as nn
 
 from jaxroute.models.digits_cnn import DigitsCNN
 from jaxroute.models.gates import GateSpec
-from jaxroute.models.resnet_cifar import CifarResNet, IMAGENET_MEAN, IMAGENET_STD
+from jaxroute.models.base import IMAGENET_MEAN, IMAGENET_STD
+from jaxroute.models.resnet_cifar import CifarResNet
 from jaxroute.models.resnet_imagenet import ImageNetResNet
 from jaxroute.models.vgg import AlexNet, VGG16
 

@@ -16,75 +16,50 @@ Gate points (forward order):
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import jax.numpy as jnp
 import flax.linen as nn
 
-from jaxroute.models.base import (
-    GatePoints, finish, batch_norm, check_input, check_placement, conv, normalize,
-)
+from jaxroute.models.base import BLOCK_PLACEMENT, GATE_PLACEMENTS, GatedModule, GatePoints, batch_norm, conv, finish, forward_start, gated_relu
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class BasicBlockA(nn.Module):
     planes: int
     stride: int
-    placement: str
 
     @nn.compact
     def __call__(self, x, gp: GatePoints, prefix: str, train: bool):
-        post = self.placement == "post_act"
         out = conv(self.planes, 3, self.stride, 1, name="conv1")(x)
-        if not post:
-            out = gp(f"{prefix}.conv1", out)
-        out = nn.relu(batch_norm(train, "bn1")(out))
-        if post:
-            out = gp(f"{prefix}.conv1", out)
+        out = gated_relu(gp, f"{prefix}.conv1", out, batch_norm(train, "bn1"))
         out = conv(self.planes, 3, 1, 1, name="conv2")(out)
-        if not post:
-            out = gp(f"{prefix}.conv2", out)
+        out = gp.site("conv", f"{prefix}.conv2", out)
         out = batch_norm(train, "bn2")(out)
         shortcut = x
         if self.stride != 1 or x.shape[-1] != self.planes:
             # Option A: subsample rows/cols from index 0, zero-pad channels on both sides.
             p = self.planes // 4
             shortcut = jnp.pad(x[:, ::2, ::2, :], ((0, 0), (0, 0), (0, 0), (p, p)))
-        out = nn.relu(out + shortcut)
-        if post:
-            out = gp(prefix, out)
-        return out
+        return gp.site("block", prefix, nn.relu(out + shortcut))
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(GatedModule):
     depth: int = 20
     num_classes: int = 10
-    gate_placement: str = "post_act"
-    mean: Sequence[float] = IMAGENET_MEAN
-    std: Sequence[float] = IMAGENET_STD
+
+    placements = GATE_PLACEMENTS + (BLOCK_PLACEMENT,)
 
     @nn.compact
     def __call__(self, x, gates=None, train: bool = False, capture: bool = False):
-        check_placement(self.gate_placement)
         if (self.depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6N+2, got {self.depth}")
-        check_input(x, 3, f"resnet{self.depth}")
         n = (self.depth - 2) // 6
-        gp = GatePoints(gates, x.shape[0])
-        post = self.gate_placement == "post_act"
-        h = normalize(x, self.mean, self.std)
+        gp, h = forward_start(self, x, gates, 3, f"resnet{self.depth}")
         h = conv(16, 3, 1, 1, name="conv1")(h)
-        if not post:
-            h = gp("conv1", h)
-        h = nn.relu(batch_norm(train, "bn1")(h))
-        if post:
-            h = gp("conv1", h)
+        h = gated_relu(gp, "conv1", h, batch_norm(train, "bn1"))
         for s, planes in enumerate((16, 32, 64), start=1):
             for b in range(n):
                 stride = 2 if (s > 1 and b == 0) else 1
-                h = BasicBlockA(planes, stride, self.gate_placement, name=f"layer{s}_{b}")(
+                h = BasicBlockA(planes, stride, name=f"layer{s}_{b}")(
                     h, gp, f"layer{s}.{b}", train
                 )
         feats = h.mean(axis=(1, 2))

@@ -19,12 +19,13 @@ optimizer is an optax transformation applied per sample with ``jax.vmap``
 samples independent.  All T steps run inside one ``lax.scan`` in one
 compiled program: no host synchronisation inside the loop.
 
-Which iterates are considered.  Λ_0 = 1 (the full net) is the fallback.
-Λ_1..Λ_T are candidates: the forward pass of step t evaluates Λ_t's loss and
-prediction while computing its gradient, and one extra forward pass after
-the loop evaluates Λ_T.  (The official release evaluates Λ_0..Λ_{T-1},
-before each step, so it never considers the last update; ours considers it
-and costs one forward pass per sample more.)
+Which iterates are considered (``DGRConfig.iterates``).  ``"after_step"``
+(default): Λ_0 = 1 (the full net) is the fallback and Λ_1..Λ_T are
+candidates: the forward pass of step t evaluates Λ_t's loss and prediction
+while computing its gradient, and one extra forward pass after the loop
+evaluates Λ_T.  ``"official"``: the official release's rule, Λ_0..Λ_{T-1}
+evaluated before each step, Λ_0 competing on loss like any other iterate
+(it never considers the last update).  The paper's text fits both.
 
 Step 0 needs no backward pass: at Λ_0 = 1 the distillation target p equals
 q, and the gradient of the cross-entropy -Σ p log q w.r.t. the logits is
@@ -47,16 +48,17 @@ momentum 0.9, clip [0, 10]).  γ defaults to 0.05.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple
+import math
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from jaxroute.models.gates import GateSpec, unflatten_gates
+from jaxroute.routing.route import Route
 from jaxroute.utils.conv_grads import loop_friendly
 
-LogitsFn = Callable[[dict, jax.Array], jax.Array]
+
+ITERATE_RULES = ("after_step", "official")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,34 +75,29 @@ class DGRConfig:
     gamma: float = 0.05
     clip_min: float = 0.0
     clip_max: float = 10.0
+    iterates: str = "after_step"   # or "official": Λ_0..Λ_{T-1}, Λ_0 competing (see the module doc)
 
     def __post_init__(self):
-        if self.steps < 1:
-            raise ValueError(f"DGR steps must be >= 1, got {self.steps}")
+        if self.iterates not in ITERATE_RULES:
+            raise ValueError(f"DGR iterates must be one of {ITERATE_RULES}, got {self.iterates!r}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"DGR steps must be an integer >= 1, got {self.steps!r}")
+        for name in ("lr", "momentum", "gamma", "clip_min", "clip_max"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"DGR {name} must be a finite number, got {v!r}")
+        if not self.lr > 0:
+            raise ValueError(f"DGR lr must be > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"DGR momentum must be in [0, 1), got {self.momentum}")
+        if self.gamma < 0:
+            raise ValueError(f"DGR gamma must be >= 0, got {self.gamma}")
         if not self.clip_min < self.clip_max:
             raise ValueError(f"need clip_min < clip_max, got [{self.clip_min}, {self.clip_max}]")
-        if self.gamma < 0 or self.lr <= 0:
-            raise ValueError(f"need gamma >= 0 and lr > 0, got gamma={self.gamma}, lr={self.lr}")
 
     def optimizer(self) -> optax.GradientTransformation:
         # No weight decay: the L1 term is the only regulariser, as in the paper.
         return optax.sgd(self.lr, momentum=self.momentum)
-
-
-class RouteResult(NamedTuple):
-    """Per-sample routing output; every field has the batch as leading axis."""
-
-    cdrp: jax.Array        # (B, D) kept gates, forward order (the CDRP)
-    loss: jax.Array        # (B,) loss of the kept gates
-    fell_back: jax.Array   # (B,) True where no optimised iterate kept the top-1 (all ones kept)
-    pred: jax.Array        # (B,) top-1 of the full model
-    gated_pred: jax.Array  # (B,) top-1 of the gated model with the kept gates
-    gated_logits: jax.Array  # (B, K) logits with the kept gates
-    full_logits: jax.Array   # (B, K) logits of the full model
-
-    def gates(self, spec: GateSpec) -> dict:
-        """The kept gates as a gate tree of (B, C) arrays."""
-        return unflatten_gates(spec, self.cdrp)
 
 
 def dgr_loss(logits: jax.Array, p: jax.Array, flat_gates: jax.Array, gamma: float):
@@ -109,25 +106,52 @@ def dgr_loss(logits: jax.Array, p: jax.Array, flat_gates: jax.Array, gamma: floa
     return ce + gamma * jnp.sum(jnp.abs(flat_gates), axis=-1), ce
 
 
-def dgr_route(
-    logits_fn: LogitsFn,
-    spec: GateSpec,
-    x: jax.Array,
-    config: DGRConfig = DGRConfig(),
-    optimizer: optax.GradientTransformation | None = None,
-) -> RouteResult:
+def dgr_route(model, x: jax.Array, *, config: DGRConfig = DGRConfig(),
+              optimizer: optax.GradientTransformation | None = None) -> Route:
     """Route a batch with DGR.  Pure and jittable (``config``/``optimizer`` static).
 
-    ``logits_fn(gates, x)`` must treat samples independently (inference-mode
-    BN, no cross-sample ops) and accept a gate tree of (B, C) arrays.
+    ``model`` is a :class:`~jaxroute.models.GatedModel` (or any object with
+    its ``spec`` and ``logits(x, gates)``); its logits must treat samples
+    independently (inference-mode BN, no cross-sample ops).
+    ``optimizer`` replaces the config's SGD (any optax transformation).
     """
+    return _dgr(model, x, config, optimizer)[0]
+
+
+def dgr_trace(model, x: jax.Array, *, config: DGRConfig = DGRConfig()) -> tuple[Route, jax.Array]:
+    """:func:`dgr_route` plus the density (fraction of gates > 0) of every iterate Λ_0..Λ_T, (B, T + 1).
+
+    Shows where along the optimisation the kept paths lose their gates.
+    """
+    route, trace, _ = _dgr(model, x, config, None, trace=True)
+    return route, trace
+
+
+def dgr_route_pair(model, x: jax.Array, x_next: jax.Array, *,
+                   config: DGRConfig = DGRConfig()) -> tuple[Route, Route]:
+    """Route ``x``, then ``x_next`` with the optimizer state (SGD momentum) carried over.
+
+    The official release routes an image and then its adversarial twin with one
+    optimizer: the gates are reset to 1 but the momentum buffer is not, so the
+    second routing starts with the first one's momentum.  This reproduces that
+    for comparison; :func:`dgr_route` (a fresh optimizer per image) is what the
+    paper describes.
+    """
+    first, _, state = _dgr(model, x, config, None)
+    second, _, _ = _dgr(model, x_next, config, None, init_state=state)
+    return first, second
+
+
+def _dgr(model, x, config: DGRConfig, optimizer, trace: bool = False, init_state=None):
+    """(Route, per-iterate densities or None, final optimizer state)."""
     opt = config.optimizer() if optimizer is None else optimizer
-    logits_fn = loop_friendly(logits_fn)
+    spec = model.spec
+    logits_fn = loop_friendly(lambda g, x: model.logits(x, g))
     b = x.shape[0]
     d = spec.size
 
     def forward(g):
-        return logits_fn(unflatten_gates(spec, g), x)
+        return logits_fn(spec.split(g), x)
 
     ones = jnp.ones((b, d), x.dtype)
     full_logits = forward(ones)
@@ -148,31 +172,41 @@ def dgr_route(
         upd, state = jax.vmap(opt.update)(grad, state, g)
         return clip(optax.apply_updates(g, upd)), state
 
-    def consider(best, g, logits):
-        best_g, best_logits, best_loss, found = best
+    def consider(best, g, logits, t):
+        best_g, best_logits, best_loss, best_t = best
         loss, _ = dgr_loss(logits, p, g, config.gamma)
         ok = (jnp.argmax(logits, -1) == pred) & (loss < best_loss)
         return (jnp.where(ok[:, None], g, best_g), jnp.where(ok[:, None], logits, best_logits),
-                jnp.where(ok, loss, best_loss), found | ok)
+                jnp.where(ok, loss, best_loss), jnp.where(ok, t, best_t))
 
-    state = jax.vmap(opt.init)(ones)
+    state = jax.vmap(opt.init)(ones) if init_state is None else init_state
     # Step 0: the CE gradient is exactly zero at Λ = 1 (p == q), see module doc.
     g, state = update(ones, state, jnp.zeros_like(ones))
-    best = (ones, full_logits, jnp.full((b,), jnp.inf, x.dtype), jnp.zeros((b,), bool))
+    official = config.iterates == "official"
+    # Λ_0 is the fallback (loss +inf, so any valid iterate replaces it) or, officially, a candidate.
+    best = (ones, full_logits, init_loss if official else jnp.full((b,), jnp.inf, x.dtype),
+            jnp.zeros((b,), jnp.int32))
 
-    def step(carry, _):
+    def step(carry, t):
         g, state, best = carry
         (_, logits), ce_grad = jax.value_and_grad(ce_sum, has_aux=True)(g)
-        best = consider(best, g, logits)  # iterate t, evaluated by the forward of step t
-        g, state = update(g, state, ce_grad)
-        return (g, state, best), None
+        best = consider(best, g, logits, t)  # iterate t, evaluated by the forward of step t
+        g_next, state = update(g, state, ce_grad)
+        return (g_next, state, best), (jnp.mean(g > 0, axis=-1) if trace else None)
 
-    (g, state, best), _ = jax.lax.scan(step, (g, state, best), None, length=config.steps - 1)
-    best = consider(best, g, forward(g))  # the last iterate Λ_T
+    ts = jnp.arange(1, config.steps, dtype=jnp.int32)
+    (g, state, best), density = jax.lax.scan(step, (g, state, best), ts)
+    if not official:
+        best = consider(best, g, forward(g), jnp.int32(config.steps))  # the last iterate Λ_T
     # Where nothing was found the carry still holds Λ_0 = 1 and the full logits.
-    best_g, gated_logits, best_loss, found = best
+    best_g, gated_logits, best_loss, best_t = best
+    found = best_t > 0
     best_loss = jnp.where(found, best_loss, init_loss)
-    return RouteResult(
-        cdrp=best_g, loss=best_loss, fell_back=~found, pred=pred,
+    route = Route(
+        cdrp=best_g, loss=best_loss, fell_back=~found, iterations=best_t, pred=pred,
         gated_pred=jnp.argmax(gated_logits, -1), gated_logits=gated_logits, full_logits=full_logits,
     )
+    if trace:  # Λ_0 = 1, Λ_1..Λ_{T-1} (the scan records each step's input), Λ_T
+        density = jnp.concatenate([jnp.ones((b, 1), x.dtype), density.T.astype(x.dtype),
+                                   jnp.mean(g > 0, -1)[:, None].astype(x.dtype)], axis=1)
+    return route, density, state

@@ -7,6 +7,7 @@ is the host loop around them (shuffling, epochs, progress bar).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Iterable
 
 import jax
@@ -32,12 +33,28 @@ class TrainConfig:
     pad_crop: int = 0
     seed: int = 0
 
+    def __post_init__(self):
+        for name in ("epochs", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        for name in ("lr", "momentum", "weight_decay", "label_smoothing"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if not self.lr > 0 or not self.momentum < 1 or not self.label_smoothing < 1:
+            raise ValueError(f"need lr > 0, momentum < 1 and label_smoothing < 1, got lr={self.lr}, "
+                             f"momentum={self.momentum}, label_smoothing={self.label_smoothing}")
+        if isinstance(self.pad_crop, bool) or not isinstance(self.pad_crop, int) or self.pad_crop < 0:
+            raise ValueError(f"pad_crop must be an integer >= 0, got {self.pad_crop!r}")
+
 
 class TrainState(train_state.TrainState):
     batch_stats: Any = struct.field(default_factory=dict)
 
 
 def create_train_state(module, variables, config: TrainConfig, steps_per_epoch: int) -> TrainState:
+    """SGD (Nesterov momentum, weight decay, cosine schedule) over ``variables["params"]``."""
     schedule = optax.cosine_decay_schedule(config.lr, max(1, config.epochs * steps_per_epoch))
     tx = optax.chain(
         optax.add_decayed_weights(config.weight_decay),
@@ -84,9 +101,9 @@ def train_step(state: TrainState, x, y, mask, key, config: TrainConfig):
     return state, {"loss": loss, "accuracy": acc}
 
 
-def eval_logits(module, variables, dataset: Dataset, batch_size: int = 256) -> np.ndarray:
-    """Logits of ``module`` on every image of ``dataset`` (inference mode), (N, K)."""
-    fwd = jax.jit(lambda x: module.apply(variables, x))
+def eval_logits(model, dataset: Dataset, batch_size: int = 256) -> np.ndarray:
+    """Logits of a :class:`~jaxroute.models.GatedModel` on every image of ``dataset``, (N, K)."""
+    fwd = jax.jit(model.logits)
     out = []
     for bt in batches(dataset, batch_size):
         out.append(np.asarray(fwd(bt.images))[: bt.n_valid])
@@ -98,16 +115,16 @@ def topk_accuracy(logits: np.ndarray, labels: np.ndarray, ks: Iterable[int] = (1
     return {f"top{k}": float(np.mean(np.any(order[:, :k] == labels[:, None], axis=1))) for k in ks}
 
 
-def fit(module, variables, train: Dataset, config: TrainConfig, *, progress: bool = True,
-        log=None) -> dict:
-    """Train (or fine-tune) ``module`` from ``variables`` on ``train``; returns new variables."""
+def fit(model, train: Dataset, config: TrainConfig, *, progress: bool = True, log=None) -> dict:
+    """Train (or fine-tune) a :class:`~jaxroute.models.GatedModel` from its variables on ``train``;
+    returns the new variables (``model.with_variables(...)`` gives the trained model)."""
     from tqdm.auto import tqdm
 
     n = len(train.labels)
     if n == 0:
         raise ValueError("training set is empty")
     steps = int(np.ceil(n / config.batch_size))
-    state = create_train_state(module, variables, config, steps)
+    state = create_train_state(model.module, model.variables, config, steps)
     step = jax.jit(train_step, static_argnames="config", donate_argnums=0)
     rng = np.random.default_rng(config.seed)
     key = jax.random.key(config.seed)

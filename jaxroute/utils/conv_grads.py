@@ -8,8 +8,8 @@ only in the *entry* computation; inside a ``while`` body -- ``lax.scan``,
 ``fori_loop``, ``while_loop``: DGR's T steps, every iterative attack -- it
 stays non-canonical and runs on a generic, several times slower path.
 
-Measured on the project's 2-core CPU (``python -m benchmarks.routing``,
-ResNet-20 gate gradients, batch 128, one device; session 10): 1,471.6 ms per
+Measured on a 2-core AMD EPYC CPU (``python -m benchmarks.routing``,
+ResNet-20 gate gradients, batch 128, one device): 1,471.6 ms per
 step inside a rolled ``lax.scan`` against 334.3 ms for the same step jitted
 alone; with this rewrite, 265.5 ms per step in the scan, and whole DGR routing
 5.7x faster (2.97 -> 17.06 images/s at batch 64).
@@ -32,7 +32,8 @@ pair kernel is zero), and its input gradient is the same construction with
 the flipped, in/out-swapped kernel.  One core, 6-conv 16-channel stage,
 forward + gate gradient in a scan: 179 -> 127 ms; DGR on ResNet-20 with one
 device per core (2 cores, batch 32): 25.77 -> 30.72 images/s
-(``python -m benchmarks.routing``, session 10, ``benchmarks/README.md``).  With one device spread over several cores it is slower (14.28 vs
+(``python -m benchmarks.routing``, ``benchmarks/README.md``).  With one device spread over
+several cores it is slower (14.28 vs
 17.16 images/s, batch 64, 2 cores: YNNPACK splits these convs over threads
 worse than Eigen), so by default it is used only when every device has at
 most one core, which is how jaxroute sets up CPUs

@@ -8,7 +8,8 @@ On a CPU, XLA's default is ONE device whose operations are each split over
 all cores; many small convolutions then spend much of their time
 synchronising threads.  One device per core, each running its share of the
 batch, routed ResNet-20 with DGR at 26.90 images/s against 16.52 (batch 128,
-2-core machine; ``python -m benchmarks.routing``, session 10, ``benchmarks/README.md``).  :func:`cpu_devices_per_core` sets
+2-core AMD EPYC; ``python -m benchmarks.routing``, ``benchmarks/README.md``).
+:func:`cpu_devices_per_core` sets
 that up; it must run before JAX starts its backends.
 """
 from __future__ import annotations
@@ -52,8 +53,8 @@ def batch_sharding(devices: Sequence[jax.Device] | None = None) -> NamedSharding
 def shard_batch(x, sharding: NamedSharding | None = None) -> jax.Array:
     """Put a batch on the devices of ``sharding`` (default :func:`batch_sharding`), split on axis 0.
 
-    The batch must divide evenly: pad it (``jaxroute.routing.job.route_array``
-    does) rather than let XLA pick uneven shards.
+    The batch must divide evenly: pad it (:func:`map_batches` and the
+    extraction job do) rather than let XLA pick uneven shards.
     """
     sharding = batch_sharding() if sharding is None else sharding
     n = sharding.mesh.size

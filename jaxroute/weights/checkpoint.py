@@ -11,55 +11,22 @@ interrupted save and is refused on restore.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax.traverse_util import flatten_dict
 
+from jaxroute.models.meta import ModelMeta
 from jaxroute.utils.io import atomic_write_text
 from jaxroute.weights.torch_import import CheckpointMismatchError
 
 META_FILE = "jaxroute.json"
-FORMAT_VERSION = 1
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelMeta:
-    """What a checkpoint says about its model."""
-
-    arch: str
-    input_shape: tuple[int, int, int]
-    num_classes: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    gate_placement: str = "post_act"
-    class_names: tuple[str, ...] | None = None
-    source: str = ""
-
-    def to_json(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["format_version"] = FORMAT_VERSION
-        return d
-
-    @classmethod
-    def from_json(cls, d: Mapping) -> "ModelMeta":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in fields}
-        for k in ("input_shape", "mean", "std", "class_names"):
-            if kw.get(k) is not None:
-                kw[k] = tuple(kw[k])
-        return cls(**kw)
-
-    def module_overrides(self) -> dict[str, Any]:
-        return {"num_classes": self.num_classes, "mean": self.mean, "std": self.std,
-                "gate_placement": self.gate_placement}
 
 
 def check_tree(expected: Mapping, got: Mapping, what: str = "checkpoint") -> None:

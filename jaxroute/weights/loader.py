@@ -4,60 +4,28 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
-from jaxroute.models import GateSpec, create_model, gate_spec, model_card
-from jaxroute.weights.checkpoint import ModelMeta, check_tree, read_meta, restore_variables
+from jaxroute.models.gated import GatedModel
+from jaxroute.models.meta import default_meta
+from jaxroute.models.registry import create_model, model_card
+from jaxroute.weights.checkpoint import check_tree, read_meta, restore_variables
 from jaxroute.weights.torch_import import load_torch_state_dict, torch_to_flax
 
 TORCH_SUFFIXES = (".th", ".pt", ".pth", ".tar", ".bin")
 
 
-@dataclasses.dataclass(frozen=True)
-class LoadedModel:
-    """A Flax module, its variables and its metadata."""
-
-    module: nn.Module
-    variables: dict
-    meta: ModelMeta
-
-    @property
-    def spec(self) -> GateSpec:
-        return gate_spec(self.module, self.meta.input_shape)
-
-    def logits_fn(self) -> Callable[[Any, jax.Array], jax.Array]:
-        """``logits_fn(gates, x)``: pure, closes over the (inference-mode) variables."""
-        module, variables = self.module, self.variables
-
-        def logits_fn(gates, x):
-            return module.apply(variables, x, gates=gates)
-
-        return logits_fn
-
-
-def default_meta(name: str, source: str = "", **overrides) -> ModelMeta:
-    card = model_card(name)
-    kw = dict(arch=name, input_shape=card.input_shape, num_classes=card.num_classes,
-              mean=tuple(card.mean), std=tuple(card.std), class_names=card.class_names, source=source)
-    kw.update({k: v for k, v in overrides.items() if v is not None})
-    if "num_classes" in overrides and overrides["num_classes"] != card.num_classes and "class_names" not in overrides:
-        kw["class_names"] = None
-    return ModelMeta(**kw)
-
-
-def abstract_variables(module: nn.Module, input_shape) -> dict:
+def abstract_variables(module, input_shape) -> dict:
     """Shapes of the module's variables, without allocating or computing anything."""
     x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
     return jax.eval_shape(lambda x: module.init(jax.random.key(0), x), x)
 
 
 def load_model(name: str | None = None, weights: str | os.PathLike | None = None, *,
-               key: jax.Array | None = None, **overrides) -> LoadedModel:
-    """Load a model.
+               key: jax.Array | None = None, **overrides) -> GatedModel:
+    """Load a model as a :class:`~jaxroute.models.GatedModel`.
 
     * ``weights`` is a jaxroute checkpoint directory: its metadata decides the
       architecture; a ``name`` that disagrees is an error.
@@ -79,7 +47,7 @@ def load_model(name: str | None = None, weights: str | os.PathLike | None = None
                                                 for k, v in overrides.items()})
         module = create_model(meta.arch, **meta.module_overrides())
         variables = restore_variables(weights, abstract_variables(module, meta.input_shape))
-        return LoadedModel(module, variables, meta)
+        return GatedModel(module, variables, meta)
     if name is None:
         raise ValueError("a model name is needed (unless weights is a jaxroute checkpoint directory)")
     meta = default_meta(name, source=str(weights or "random-init"), **overrides)
@@ -89,7 +57,7 @@ def load_model(name: str | None = None, weights: str | os.PathLike | None = None
         if key is None:
             raise ValueError("random initialisation needs an explicit PRNG key (key=jax.random.key(...))")
         variables = jax.jit(module.init)(key, jnp.zeros((1, *meta.input_shape), jnp.float32))
-        return LoadedModel(module, jax.device_get(variables), meta)
+        return GatedModel(module, jax.device_get(variables), meta)
     path = Path(weights)
     if not path.exists():
         raise FileNotFoundError(f"weights not found: {path}")
@@ -98,4 +66,4 @@ def load_model(name: str | None = None, weights: str | os.PathLike | None = None
                          f"directory or a PyTorch file ({', '.join(TORCH_SUFFIXES)})")
     variables = torch_to_flax(load_torch_state_dict(path), target)
     check_tree(target, variables)
-    return LoadedModel(module, variables, meta)
+    return GatedModel(module, variables, meta)

@@ -57,7 +57,9 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"could not read {path} as a PyTorch checkpoint: {e}") from e
+        # torch's message may advise weights_only=False, i.e. unpickling an untrusted file: never relay it.
+        raise ValueError(f"{path} is not a PyTorch checkpoint of tensors (torch.load with weights_only=True, "
+                         f"which runs no code from the file, refused it: {type(e).__name__})") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from jaxroute.data import Dataset, load_dataset
+from jaxroute.utils import conv_grads
 from jaxroute.extraction import (
     BatchPlan, ExtractionResult, load_manifest, load_shards, parse_bytes, plan_batches, run_extraction, shard_path,
 )
@@ -143,7 +144,8 @@ def test_generic_job_writes_shards_and_manifest(model, reference):
     m = load_manifest(out)
     assert m == res.manifest
     assert m["job"] == JOB and m["extra"] == {"layers": 3} and m["num_samples"] == N
-    assert m["plan"] == {"batch_size": plan.batch_size, "shard_size": plan.shard_size}
+    assert m["plan"] == {"batch_size": plan.batch_size, "shard_size": plan.shard_size,
+                         "conv_formulation": conv_grads.formulation()}
     assert m["devices"] == plan.devices                             # recorded, not compared on resume
     assert m["num_shards"] == plan.num_shards(N) and m["class_names"] == list(ds.class_names)
     shards = sorted(out.glob("shard-*.npz"))
@@ -308,9 +310,10 @@ def test_devices_give_bit_identical_outputs(reference, tmp_path):
     assert_same(out, ref)
 
 
-def test_resume_on_another_device_count(model, reference, tmp_path):
+def test_resume_on_another_device_count(model, reference, tmp_path, monkeypatch):
     """The device count is not part of the output: a job interrupted here resumes with another
-    count (same per-device batch and shard size) to the uninterrupted output."""
+    count (same per-device batch, shard size and conv formulation) to the uninterrupted output."""
+    monkeypatch.setenv("JAXROUTE_CONV_GRADS", conv_grads.formulation())  # the subprocess inherits it
     ref, _ = reference
     out = tmp_path / "pooled"
     with pytest.raises(Interrupted):
@@ -322,3 +325,14 @@ def test_resume_on_another_device_count(model, reference, tmp_path):
     run_in_subprocess(out, other)
     assert load_manifest(out)["devices"] == jax.local_device_count()   # the manifest of the first run
     assert_same(out, ref)
+
+
+def test_resume_with_another_conv_formulation_is_refused(model, tmp_path, monkeypatch):
+    """Column-paired and canonical convs round differently: a resume never mixes them."""
+    out = tmp_path / "pooled"
+    monkeypatch.setenv("JAXROUTE_CONV_GRADS", "canonical")
+    with pytest.raises(Interrupted):
+        extract(out, interrupt_after(pooled_features_fn(model), 1))
+    monkeypatch.setenv("JAXROUTE_CONV_GRADS", "paired")
+    with pytest.raises(ValueError, match=r"plan.conv_formulation: output has 'canonical', this run 'paired'"):
+        extract(out, pooled_features_fn(model))

@@ -25,7 +25,10 @@ Parallelism: ``plan.batch_size`` is the batch *per device*; a global batch of
 ``batch_size * local devices`` is split over all local JAX devices
 (data-parallel; samples are independent, so no communication).  Every device
 runs the same compiled shape whatever the device count, which keeps results
-bit-identical between 1 and N devices.  Several processes (``jax.distributed``)
+bit-identical between 1 and N devices as long as the conv formulation is the
+same (on a CPU, :mod:`jaxroute.utils.conv_grads` pairs narrow convs only when
+each device has one core; the manifest records the formulation and a resume
+with another one is refused).  Several processes (``jax.distributed``)
 each take the shards ``i % process_count == process_index``.
 """
 from __future__ import annotations
@@ -44,6 +47,7 @@ import numpy as np
 from jaxroute.data import Dataset, batches
 from jaxroute.data.stored import read_rows
 from jaxroute.extraction.plan import BatchPlan
+from jaxroute.utils import conv_grads
 from jaxroute.utils.devices import batch_sharding, shard_batch
 from jaxroute.utils.io import atomic_save_npz, atomic_write_text
 
@@ -169,9 +173,12 @@ def run_extraction(fn: SampleFn, dataset: Dataset, out: str | os.PathLike, *, jo
     manifest = {
         "format": FORMAT,
         "job": json.loads(json.dumps(dict(job))),
-        # the compiled per-device batch and the shard boundaries determine the output; the device
-        # count does not (every device runs the same compiled shape), so it is recorded, not compared
-        "plan": {"batch_size": plan.batch_size, "shard_size": plan.shard_size},
+        # the compiled per-device batch, the shard boundaries and the conv formulation determine
+        # the output; the device count itself does not (every device runs the same compiled
+        # shape), so it is recorded, not compared -- except through the formulation, which on a
+        # CPU depends on it (column pairing when each device has one core)
+        "plan": {"batch_size": plan.batch_size, "shard_size": plan.shard_size,
+                 "conv_formulation": conv_grads.formulation()},
         "devices": plan.devices,
         "num_samples": n,
         "num_shards": n_shards,

@@ -85,6 +85,18 @@ def pairing_helps() -> bool:
     return jax.local_device_count() >= cores
 
 
+def formulation() -> str:
+    """Which conv formulation :func:`loop_friendly` uses here: ``"paired"``, ``"canonical"`` or ``"plain"``.
+
+    The formulations compute the same values up to float rounding; jobs record
+    this so that a resume never mixes outputs computed two ways (it depends on
+    the device count through :func:`pairing_helps`).
+    """
+    if not enabled():
+        return "plain"
+    return "paired" if pairing_helps() else "canonical"
+
+
 def _dilate(shape, dilation):
     return [0 if s == 0 else 1 + d * (s - 1) for s, d in zip(shape, dilation)]
 

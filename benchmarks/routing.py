@@ -482,6 +482,12 @@ def worker_crosscheck(cfg) -> dict:
     r = jax.jit(partial(dgr_route, loaded, config=DGRConfig(steps=cfg["steps"])))(jnp.asarray(x))
     model = _torch_model(cfg, td, channels_last=False).double()
     t = td.dgr_batched(model, td.to_torch_input(x, dtype=np.float64), steps=cfg["steps"])
+    jg, tg = np.asarray(r.cdrp), t["cdrp"].detach().numpy()
+    return {"images": len(x), "steps": cfg["steps"], "max_abs_diff_gates": float(np.abs(jg - tg).max()),
+            "max_abs_diff_full_logits": float(np.abs(np.asarray(r.full_logits)
+                                                     - t["full_logits"].detach().numpy()).max()),
+            "gate_range": [float(jg.min()), float(jg.max())],
+            "same_fallbacks": bool((np.asarray(r.fell_back) == t["fell_back"].numpy()).all()),
             "same_preds": bool((np.asarray(r.pred) == t["pred"].numpy()).all())}
 
 

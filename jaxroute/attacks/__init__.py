@@ -32,6 +32,7 @@ import numpy as np
 
 from jaxroute.attacks.core import AttackResult, LogitsFn, check_images, is_concrete, num_classes_of
 from jaxroute.attacks.cw import CWConfig, cw_l2
+from jaxroute.attacks.dataset import ATTACK_TARGETS, attack_dataset
 from jaxroute.attacks.deepfool import DeepFoolConfig, deepfool
 from jaxroute.attacks.ensemble import EnsembleConfig, ensemble_attack, least_likely
 from jaxroute.attacks.gradient import BIMConfig, FGSMConfig, PGDConfig, bim, fgsm, pgd
@@ -87,8 +88,6 @@ def _check_class_values(y, name: str, num_classes: int) -> None:
     if a.size and (a.min() < 0 or a.max() >= num_classes):
         raise ValueError(f"{name} must be class indices in [0, {num_classes}), got values in [{a.min()}, {a.max()}]")
 
-
-from jaxroute.attacks.dataset import ATTACK_TARGETS, attack_dataset  # noqa: E402  (uses make_attack)
 
 __all__ = [
     "ATTACKS", "ATTACK_TARGETS", "AttackResult", "BIMConfig", "CWConfig", "DeepFoolConfig", "EnsembleConfig",

@@ -8,13 +8,15 @@ traceback).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 # Keep XLA from grabbing all memory of a GPU the user shares with other jobs.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+from jaxroute.cli.common import (add_data_args, add_model_args, check_new_output, data_for, emit, log,
+                                  model_from_args)
 
 
 def _cpu_devices_per_core() -> None:
@@ -37,66 +39,6 @@ def _cpu_devices_per_core() -> None:
         pass  # main() called in a process where JAX already runs: keep its devices
 
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def _emit(result: dict, as_json: bool, human: str | None = None) -> None:
-    if human:
-        print(human)
-    if as_json:
-        print(json.dumps(result, sort_keys=True))
-
-
-def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--model", required=required, help="architecture name (see `jaxroute info`)")
-    p.add_argument("--weights", help="jaxroute checkpoint dir, or a PyTorch .th/.pt/.pth file (needs torch)")
-    p.add_argument("--gate-placement", choices=("post_act", "conv", "block"), default=None,
-                   help="where the gates sit (default: the checkpoint's, else post_act)")
-
-
-def _add_data_args(p: argparse.ArgumentParser, split: str = "test") -> None:
-    p.add_argument("--data", default="digits",
-                   help="digits | path to an ImageFolder (split/class/*.jpg) or CIFAR-10 pickle folder | tfds:NAME")
-    p.add_argument("--split", default=split)
-    p.add_argument("--limit", type=int, default=None, help="use the first N samples (class-interleaved order)")
-    p.add_argument("--data-dir", default=None, help="cache / tfds data dir")
-    p.add_argument("--download", action="store_true", help="allow tfds to download (off by default)")
-
-
-def _load(args, need_weights: bool = False):
-    """The GatedModel the arguments name."""
-    from jaxroute.weights import load_model
-
-    if need_weights and not args.weights and args.model != "digits_cnn":
-        _log(f"warning: no --weights given; {args.model} is randomly initialised")
-    overrides = {}
-    if getattr(args, "gate_placement", None):
-        overrides["gate_placement"] = args.gate_placement
-    import jax
-
-    return load_model(args.model, args.weights, key=jax.random.key(getattr(args, "seed", 0)), **overrides)
-
-
-def _data(args, split=None, stream: bool = False):
-    from jaxroute.data import load_dataset
-
-    return load_dataset(args.data, split or args.split, limit=args.limit,
-                        cache_dir=args.data_dir, download=args.download, stream=stream)
-
-
-def _check_new_output(path, overwrite: bool) -> None:
-    """A checkpoint directory about to be written: refuse an existing one (unless overwrite), check writability."""
-    from pathlib import Path
-
-    from jaxroute.utils.io import check_writable_dir
-
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists (pass --overwrite to replace it)")
-    check_writable_dir(path.parent if str(path.parent) else Path("."))
-
-
 def _wait_for_port(address: str, timeout: float) -> None:
     """Wait until ``host:port`` accepts TCP connections, logging progress; ValueError after ``timeout`` s."""
     import socket
@@ -116,7 +58,7 @@ def _wait_for_port(address: str, timeout: float) -> None:
             raise ValueError(f"the coordinator {address} did not answer within {timeout:g} s ({err}); start "
                              "process 0 first, or check the address")
         if now - last_log >= 10:
-            _log(f"waiting for the coordinator {address} ({err}); {deadline - now:.0f} s left")
+            log(f"waiting for the coordinator {address} ({err}); {deadline - now:.0f} s left")
             last_log = now
         time.sleep(0.5)
 
@@ -131,7 +73,7 @@ def _init_distributed(args) -> None:
         raise ValueError(f"--process-id must be in [0, {args.num_processes}), got {args.process_id}")
     if args.init_timeout < 1:
         raise ValueError(f"--init-timeout must be >= 1 second, got {args.init_timeout}")
-    _log(f"joining {args.num_processes} processes at {args.coordinator} as process {args.process_id} "
+    log(f"joining {args.num_processes} processes at {args.coordinator} as process {args.process_id} "
          f"(waiting up to {args.init_timeout} s)")
     if args.process_id != 0:
         # XLA aborts the whole process (with a C++ stack trace) when it cannot reach the coordinator:
@@ -144,15 +86,6 @@ def _init_distributed(args) -> None:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"could not join the distributed job at {args.coordinator} within "
                          f"{args.init_timeout} s: {first}") from None
-
-
-def _data_for(model, args, split=None, stream: bool = False):
-    """The data set the arguments name, checked against the model."""
-    from jaxroute.models.gated import check_dataset_fits
-
-    ds = _data(args, split, stream=stream)
-    check_dataset_fits(model, ds)
-    return ds
 
 
 # --------------------------------------------------------------------------- info
@@ -185,8 +118,8 @@ def cmd_info(args) -> dict:
 def cmd_eval(args) -> dict:
     from jaxroute.training import eval_logits, topk_accuracy
 
-    model = _load(args, need_weights=True)
-    ds = _data_for(model, args)
+    model = model_from_args(args, need_weights=True)
+    ds = data_for(model, args)
     t = time.perf_counter()
     logits = eval_logits(model, ds, args.batch_size)
     res = {"model": model.name, "data": args.data, "split": args.split, "n": int(len(ds.labels)),
@@ -204,13 +137,13 @@ def cmd_train(args) -> dict:
 
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       flip=args.augment, pad_crop=4 if args.augment else 0)
-    _check_new_output(args.out, args.overwrite)
-    model = _load(args)
-    train = _data_for(model, args, split="train")
+    check_new_output(args.out, args.overwrite)
+    model = model_from_args(args)
+    train = data_for(model, args, split="train")
     t = time.perf_counter()
-    model = model.with_variables(fit(model, train, cfg, progress=not args.no_progress, log=_log))
+    model = model.with_variables(fit(model, train, cfg, progress=not args.no_progress, log=log))
     seconds = time.perf_counter() - t
-    test = _data_for(model, args, split="test")
+    test = data_for(model, args, split="test")
     acc = topk_accuracy(eval_logits(model, test), test.labels)
     meta = dataclasses.replace(model.meta, class_names=tuple(train.class_names),
                                source=f"jaxroute train --data {args.data} ({cfg})")
@@ -228,8 +161,8 @@ def cmd_convert(args) -> dict:
 
     if not args.weights:
         raise ValueError("convert needs --weights (a PyTorch file)")
-    _check_new_output(args.out, args.overwrite)
-    model = _load(args)
+    check_new_output(args.out, args.overwrite)
+    model = model_from_args(args)
     path = save_model(args.out, model.variables, model.meta, overwrite=args.overwrite)
     res = {"model": model.name, "out": str(path)}
     return res, f"converted {args.weights} -> {path}"
@@ -263,18 +196,18 @@ def cmd_route(args) -> dict:
     check_writable_dir(args.out)
     if args.coordinator:
         _init_distributed(args)
-    model = _load(args, need_weights=True)
+    model = model_from_args(args, need_weights=True)
     batch_size = args.batch_size or (32 if jax.default_backend() == "cpu" else 256)
     if budget is not None:
         batch_size = batch_size_for_memory(route_outputs(model, args.method, config), model.input_shape, budget)
-        _log(f"memory budget {budget / 2**20:.0f} MiB per device -> batch size {batch_size}")
-    ds = _data_for(model, args, stream=True)  # an ImageFolder is read batch by batch from its decoded cache
+        log(f"memory budget {budget / 2**20:.0f} MiB per device -> batch size {batch_size}")
+    ds = data_for(model, args, stream=True)  # an ImageFolder is read batch by batch from its decoded cache
     plan = plan_batches(len(ds.images), batch_size, args.shard_size)
     if plan.batch_size < batch_size:
-        _log(f"{len(ds.images)} images on {plan.devices} device(s): batch size {plan.batch_size} per device")
+        log(f"{len(ds.images)} images on {plan.devices} device(s): batch size {plan.batch_size} per device")
     source = {"weights": str(args.weights or ""), "data": args.data, "split": args.split, "limit": args.limit}
     summary = route_dataset(model, ds, args.out, plan=plan, method=args.method, config=config, source=source,
-                            progress=not args.no_progress, log=_log)
+                            progress=not args.no_progress, log=log)
     keys = ("n", "method", "top1_agreement", "top1_accuracy", "top5_accuracy", "full_top1", "full_top5",
             "sparsity", "sparsity_std", "fallback_fraction", "images_per_s", "seconds")
     res = {k: summary.get(k) for k in keys}
@@ -296,14 +229,14 @@ def cmd_quickstart(args) -> dict:
     ckpt = out / "digits_cnn"
     common = ["--data", "digits", "--no-progress"] if args.no_progress else ["--data", "digits"]
     if not (ckpt / "jaxroute.json").exists():
-        _log(f"[1/2] training digits_cnn on scikit-learn's 8x8 digits -> {ckpt}")
+        log(f"[1/2] training digits_cnn on scikit-learn's 8x8 digits -> {ckpt}")
         targs = build_parser().parse_args(["train", "--model", "digits_cnn", "--out", str(ckpt),
                                            "--overwrite", "--epochs", str(args.epochs), *common])
         tres, human = cmd_train(targs)
-        _log(human)
+        log(human)
     else:
-        _log(f"[1/2] using the trained digits_cnn in {ckpt}")
-    _log(f"[2/2] routing the digits test set with DGR -> {out / 'routes'}")
+        log(f"[1/2] using the trained digits_cnn in {ckpt}")
+    log(f"[2/2] routing the digits test set with DGR -> {out / 'routes'}")
     rargs = build_parser().parse_args(["route", "--model", "digits_cnn", "--weights", str(ckpt), "--split", "test",
                                        "--out", str(out / "routes"), "--batch-size", "120",
                                        "--shard-size", "120", *common])
@@ -379,8 +312,8 @@ def cmd_attack(args) -> dict:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     out = check_writable_dir(args.out)
-    model = _load(args, need_weights=True)
-    ds = _data_for(model, args)
+    model = model_from_args(args, need_weights=True)
+    ds = data_for(model, args)
     if ds.labels is None:
         raise ValueError(f"data {ds.name!r} has no labels; the attacks need the true labels")
     f = (model.logits,) if name == "ensemble" else model.logits
@@ -442,6 +375,10 @@ def _defaults(config: str) -> dict:
     return {f.name: f.default for f in dataclasses.fields(cls)}
 
 
+# Modules of jaxroute.cli with more subcommands; each has ``add_parsers(sub)`` (see jaxroute.cli.common).
+SUBCOMMAND_MODULES: tuple[str, ...] = ()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxroute", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -453,15 +390,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("eval", help="top-1/top-5 accuracy of a model on a data set")
-    _add_model_args(s)
-    _add_data_args(s)
+    add_model_args(s)
+    add_data_args(s)
     s.add_argument("--batch-size", type=int, default=256)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("train", help="train or fine-tune a model, save an orbax checkpoint")
-    _add_model_args(s)
-    _add_data_args(s, split="train")
+    add_model_args(s)
+    add_data_args(s, split="train")
     s.add_argument("--out", required=True, help="checkpoint directory to write")
     s.add_argument("--epochs", type=int, default=20)
     s.add_argument("--batch-size", type=int, default=64)
@@ -474,15 +411,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("convert", help="convert PyTorch weights into a jaxroute checkpoint (needs torch)")
-    _add_model_args(s)
+    add_model_args(s)
     s.add_argument("--out", required=True)
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_convert)
 
     s = sub.add_parser("route", help="extract routing paths (CDRPs) of a data set into resumable shards")
-    _add_model_args(s)
-    _add_data_args(s)
+    add_model_args(s)
+    add_data_args(s)
     s.add_argument("--out", required=True)
     s.add_argument("--method", choices=sorted(ROUTER_NAMES), default="dgr")
     d = _defaults("DGRConfig")
@@ -511,8 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_route)
 
     s = sub.add_parser("attack", help="adversarial images of a data set, saved as a routable SPLIT.npz")
-    _add_model_args(s)
-    _add_data_args(s)
+    add_model_args(s)
+    add_data_args(s)
     s.add_argument("--method", choices=sorted(ATTACK_METHODS), required=True)
     s.add_argument("--eps", type=float, default=None,
                    help="budget in [0, 1] pixel units for fgsm, ifgsm, pgd_linf, pgd_l2 (defaults: 8/255; "
@@ -555,6 +492,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_quickstart)
+
+    import importlib
+
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(f"jaxroute.cli.{name}").add_parsers(sub)
     return p
 
 
@@ -569,7 +511,7 @@ def main(argv=None) -> int:
         msg = str(e).strip() or type(e).__name__
         print(f"jaxroute {args.command}: error: {msg}", file=sys.stderr)
         return 2
-    _emit(res, getattr(args, "json", False), human)
+    emit(res, getattr(args, "json", False), human)
     return 0
 
 

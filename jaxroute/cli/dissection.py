@@ -7,6 +7,7 @@ from pathlib import Path
 
 from jaxroute.cli.common import add_data_args, add_model_args, check_new_output, data_for, log, model_from_args
 
+VEHICLE = ("airplane", "automobile", "ship", "truck")  # the CIFAR-10 classes under WordNet "vehicle"
 DEFAULT_COLOR_TABLE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "color-names" / "w2color.npy"
 
 
@@ -47,7 +48,7 @@ def add_parsers(sub) -> None:
 def cmd_concepts(args):
     import numpy as np
 
-    from jaxroute.dissection.concepts import build_concepts, iou_caps
+    from jaxroute.dissection.concepts import build_concepts, group_cap, iou_caps
 
     check_new_output(args.out, args.overwrite)
     table = Path(args.color_table) if args.color_table else DEFAULT_COLOR_TABLE
@@ -63,13 +64,19 @@ def cmd_concepts(args):
     broden = build_concepts(args.out, images, ds.labels, ds.class_names, table,
                             textures_per_name=args.textures_per_name, seed=args.seed, split=args.split)
     caps = iou_caps(broden, args.quantile)
+    # a WordNet group of classes as one image-level label covers the sum of its classes' fractions
+    vehicle = [c for c in caps if c["label"] in VEHICLE]
+    groups = []
+    if len(vehicle) == len(VEHICLE):
+        f = sum(c["fraction"] for c in vehicle)
+        groups.append({"label": "vehicle (" + ", ".join(VEHICLE) + ")", "fraction": f, "cap": group_cap(f, args.quantile)})
     res = {"out": str(args.out), "images": len(broden), "labels": len(broden.labels),
-           "categories": list(broden.categories), "iou_caps": caps}
+           "categories": list(broden.categories), "iou_caps": caps, "group_caps": groups}
     lines = [f"wrote {len(broden)} concept images, {len(broden.labels)} labels, categories "
              f"{', '.join(broden.categories)} to {args.out}",
              f"IoU caps of the image-level labels (q / f at q = {args.quantile:g}; a detector needs IoU > 0.04):"]
     lines += [f"  {c['label']:14s} f = {c['fraction']:.4f}  cap = {c['cap']:.4f}" + ("  (below 0.04)" if c["cap"] <= 0.04
-                                                                                    else "") for c in caps]
+                                                                                    else "") for c in caps + groups]
     return res, "\n".join(lines)
 
 

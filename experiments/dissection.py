@@ -12,8 +12,10 @@ adversarial images and with the clean ones reused.  Every (model, layer,
 condition) result is cached under ``OUT/cache/<model>/`` keyed by layer and
 concept data, so a killed run resumes where it stopped.  Outputs:
 ``table2.md`` (detector ratio per model, layer and condition, by category),
-``results.json``, ``ratios.png`` (detector ratio per layer, Fig. 5-7 style) and
-``caps.json`` (the IoU caps of the image-level labels).
+``results.json``, ``ratios.png`` (detector ratio per layer, Fig. 5-7 style),
+``top-<model>-<layer>.png`` (Fig. 8: top images of the best units of the last
+stage with their masks, clean and under the first ``--eps`` with the clean
+thresholds) and ``caps.json`` (the IoU caps of the image-level labels).
 """
 from __future__ import annotations
 
@@ -72,6 +74,44 @@ def bars(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def top_images(model, broden, layer: str, cache: Path, adv_cond: str, eps: float, path: Path, units: int = 4,
+               k: int = 4) -> None:
+    """Fig. 8: the clean top images of the best-scoring units with their masks, and the same images after
+    FGSM with the adversarial masks (the unit's label and IoU, clean and adversarial, in the titles)."""
+    import jax.numpy as jnp
+    import matplotlib.figure
+
+    from jaxroute.dissection.dissect import activation_fn, to_unit_float, upsample_bilinear
+    from jaxroute.dissection.job import transform_for
+
+    folder = cache / layer
+    clean, adv = np.load(folder / "clean" / "tally.npz"), np.load(folder / adv_cond / "tally.npz")
+    names = broden.label_names()
+    chosen = np.argsort(-clean["score"], kind="stable")[:units]
+    fig = matplotlib.figure.Figure(figsize=(1.6 * k, 1.8 * 2 * units))
+    size = broden.mask_shape()
+    for r, u in enumerate(chosen):
+        top = np.argsort(-clean["image_max"][:, u], kind="stable")[:k]
+        x = to_unit_float(np.stack([next(broden.records(int(i), int(i) + 1)).image for i in top]))
+        lab = int(clean["label"][u])
+        for j, (tag, res, transform) in enumerate((("clean", clean, None),
+                                                  (f"FGSM {eps:.4g}", adv, transform_for(model, "fgsm", eps)))):
+            acts = activation_fn(model, [layer], transform)
+            xs = np.asarray(transform(jnp.asarray(x))) if transform else x
+            up = np.asarray(upsample_bilinear(acts(jnp.asarray(x))[layer], size))[:, u]
+            mask = up > res["thresholds"][u]
+            for c in range(k):
+                ax = fig.add_subplot(2 * units, k, (2 * r + j) * k + c + 1)
+                ax.imshow(np.clip(xs[c], 0, 1) * np.where(mask[c], 1.0, 0.35)[..., None], interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if c == 0:
+                    ax.set_title(f"unit {u + 1} {names[lab]} {tag}: IoU {res['iou'][u, lab]:.3f}", fontsize=6,
+                                 loc="left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="reports/dissection")
@@ -110,6 +150,11 @@ def main(argv=None) -> int:
             cond = "clean" if attack == "none" else f"FGSM {eps:.4g} ({'reused' if reuse else 'recomputed'} T)"
             for layer, s in res.items():
                 rows.append(dict(s, model=name, layer=layer, condition=cond))
+        if eps_list:
+            from jaxroute.dissection.job import condition_name
+
+            top_images(model, broden, layers[-1], cache, condition_name("fgsm", eps_list[0], True), eps_list[0],
+                       out / f"top-{name}-{layers[-1]}.png")
     atomic_write_json(out / "results.json", rows)
     cats = list(broden.categories)
     lines = ["| model | layer | condition | units | detectors | ratio | " + " | ".join(cats) + " | concepts |",

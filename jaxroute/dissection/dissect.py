@@ -226,17 +226,22 @@ class Tally:
 
     ``labels`` (L,): each label's area; ``units`` (U,): each unit's mask area;
     ``both`` (U, L): intersections; ``units_cat`` (U, C): a unit's mask area on
-    images where the category occurs under its mask (Lite's rule; None for Bau's).
+    images where the category occurs under its mask (Lite's rule; None for Bau's);
+    ``image_max`` (N, U): each image's maximum activation per unit, in data order
+    (what ranks a unit's top images), when recorded.
     """
 
     labels: np.ndarray
     units: np.ndarray
     both: np.ndarray
     units_cat: np.ndarray | None
+    image_max: np.ndarray | None = None
 
     def __add__(self, other: "Tally") -> "Tally":
         uc = None if self.units_cat is None else self.units_cat + other.units_cat
-        return Tally(self.labels + other.labels, self.units + other.units, self.both + other.both, uc)
+        im = (None if self.image_max is None or other.image_max is None
+              else np.concatenate([self.image_max, other.image_max]))
+        return Tally(self.labels + other.labels, self.units + other.units, self.both + other.both, uc, im)
 
 
 @functools.partial(jax.jit, static_argnames=("size", "rules", "compare"))
@@ -333,7 +338,8 @@ def tally_layers(acts: Callable, broden: Broden, thresholds: Mapping[str, np.nda
                             jnp.asarray(b["scalars"]), jnp.asarray(b["valid"]), labelcat, size=size,
                             rules=config.rules, compare=config.comparison)
             r = {k: np.asarray(v, np.float64) for k, v in jax.device_get(r).items()}
-            t = Tally(r["labels"], r["units"], r["both"], r.get("units_cat"))
+            image_max = np.asarray(m.max(axis=(1, 2)))[:b["n_valid"]]
+            t = Tally(r["labels"], r["units"], r["both"], r.get("units_cat"), image_max)
             totals[layer] = t if layer not in totals else totals[layer] + t
     return totals
 

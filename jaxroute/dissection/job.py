@@ -45,7 +45,7 @@ def _save(folder: Path, res: LayerResult) -> dict:
     atomic_write_text(folder / "tally.csv", tally_csv(res))
     atomic_save_npz(folder / "tally.npz", labels=res.tally.labels, units=res.tally.units, both=res.tally.both,
                     iou=res.iou, best_cat=res.best_cat, score=res.score,
-                    label=res.label, thresholds=res.thresholds)
+                    label=res.label, thresholds=res.thresholds, image_max=res.tally.image_max)
     summary = res.summary()
     atomic_write_json(folder / "result.json", summary)  # written last: its presence marks a finished result
     return summary

@@ -254,6 +254,8 @@ def tally_batch(maps, thresholds, pixels, scalars, valid, labelcat, *, size, rul
     ``labelcat`` (L, C) one-hot primary categories.  Returns a dict of the
     batch's ``labels``, ``units``, ``both`` (and ``units_cat`` for Lite).
     Counts are float32 integers: exact while a batch's counts stay < 2**24.
+    Memory: the pixel labels enter as one-hot (B, sh·sw, L) floats, fine for
+    a few dozen labels; for Broden's ~1,200 labels at 112² choose a small batch.
     """
     cmp = jnp.greater if compare == ">" else jnp.greater_equal
     f32 = jnp.float32

@@ -1,0 +1,1 @@
+"""Explaining predictions: saliency maps and their evaluation (weakly supervised localization)."""

@@ -188,16 +188,15 @@ def test_mixed_size_folder_routes_with_resnet20(variant, request, tmp_path, caps
     capsys.readouterr()
 
 
-@pytest.mark.parametrize("skip_bad", [False, True])
-def test_mixed_size_folder_routes_with_a_small_model(mixed_folder, tmp_path, skip_bad, capsys):
-    """The same CLI path with the digits CNN (compiles in seconds): grayscale 8 x 8 from any sizes,
-    through the decoded cache, or with --skip-bad through the grain stream."""
+def test_mixed_size_folder_routes_with_a_small_model(mixed_folder, tmp_path, capsys):
+    """The same CLI path with the digits CNN (compiles in seconds): grayscale 8 x 8 from any sizes
+    through the decoded cache (the grain stream: the --skip-bad route below)."""
     root, files = mixed_folder
     out = tmp_path / "digits"
-    assert _route(root, "digits_cnn", out, "--resize", "9", *(["--skip-bad"] if skip_bad else [])) == 0
+    assert _route(root, "digits_cnn", out, "--resize", "9") == 0
     manifest, _ = _check_routed(out, len(files))
     inp = manifest["extra"]["input"]
-    assert inp["pipeline"] == ("grain" if skip_bad else "decoded cache")
+    assert inp["pipeline"] == "decoded cache"
     assert inp["preprocess"] == Preprocess(9, 8, 1).to_json() and inp["skipped"] == []
     capsys.readouterr()
 
@@ -257,6 +256,7 @@ def test_corrupt_file_is_a_one_line_error_or_skipped(mixed_folder, tmp_path, cap
     out = tmp_path / "skip"
     assert _route(root, "digits_cnn", out, "--skip-bad") == 0
     manifest, _ = _check_routed(out, len(files))
+    assert manifest["extra"]["input"]["pipeline"] == "grain"
     skipped = manifest["extra"]["input"]["skipped"]
     assert [s["file"] for s in skipped] == ["test/a_class/001-broken.jpg"] and "cannot decode" in skipped[0]["error"]
     capsys.readouterr()
@@ -277,13 +277,26 @@ def test_convert_writes_array_record_that_route_reads(mixed_folder, tmp_path, ca
     assert conv.class_names == direct.class_names
     assert main(["data", "convert", "--data", str(root), "--split", "test", "--model", "resnet20", "--out",
                  str(out)]) == 2  # never overwritten
-    assert _route(out, "resnet20", tmp_path / "x", "--resize", "40") == 2  # already preprocessed
     # route reads a converted split (the digits CNN: a model that compiles in seconds)
     small = tmp_path / "converted-digits"
     assert main(["data", "convert", "--data", str(root), "--split", "test", "--model", "digits_cnn", "--out",
                  str(small), "--decode-workers", "0", "--no-progress"]) == 0
     routed = tmp_path / "routed"
     assert _route(small, "digits_cnn", routed) == 0
+    assert _route(small, "digits_cnn", tmp_path / "x", "--resize", "9") == 2  # already preprocessed
     manifest, _ = _check_routed(routed, len(files))
     assert manifest["extra"]["input"]["source"] == "records"
     capsys.readouterr()
+
+
+def test_a_cache_of_images_already_at_the_input_size_serves_their_preprocessing(tmp_path):
+    root = tmp_path / "fixed"
+    for k, a in enumerate(synthetic_images(4, seed=3)):
+        d = root / "test" / f"c{k % 2}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(a).save(d / f"{k}.png")
+    raw = load_dataset(root, "test", cache_dir=tmp_path / "c", stream=True)
+    pre = load_dataset(root, "test", cache_dir=tmp_path / "c", stream=True, preprocess=Preprocess(32, 32))
+    assert pre.images.path == raw.images.path  # no second decode, no second cache entry
+    np.testing.assert_array_equal(pre.images.read_uint8(), raw.images.read_uint8())
+    assert len(list((tmp_path / "c" / "imagefolder").glob("*.npy"))) == 1

@@ -219,26 +219,41 @@ def _write_cache(path: Path, images: np.ndarray, key: str, entries: list[FileEnt
         return None
 
 
+def _lookup(root: Path, split: str, entries, limit, cache_dir: Path, class_names, preprocess):
+    """(pixels view, entries, key, path) of a cache entry for these files: the whole split's
+    (sliced to ``limit``) if present, else the ``limit`` prefix's; pixels None when absent."""
+    full_key = cache_key(root, split, entries, preprocess)
+    full_path = cache_path(cache_dir, root, split, full_key)
+    pixels = _read_cache(full_path, full_key, entries, class_names)
+    if pixels is not None:
+        if limit is not None:
+            pixels, entries = pixels[:limit], entries[:limit]
+        return pixels, entries, full_key, full_path
+    if limit is not None and limit < len(entries):
+        entries = entries[:limit]
+        key = cache_key(root, split, entries, preprocess)
+        path = cache_path(cache_dir, root, split, key)
+        return _read_cache(path, key, entries, class_names), entries, key, path
+    return None, entries, full_key, full_path
+
+
 def _load(root, split, limit, cache_dir, use_cache, preprocess=None):
     """(pixels, entries, class_names): pixels a StoredImages view of the cache, or a uint8 array
     when there is no (writable) cache."""
     root = Path(root).expanduser().absolute()
     class_names, entries = list_split(root, split)
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    full_key = cache_key(root, split, entries, preprocess)
-    full_path = cache_path(cache_dir, root, split, full_key)
-    pixels = _read_cache(full_path, full_key, entries, class_names) if use_cache else None
-    if pixels is not None:
-        if limit is not None:
-            pixels, entries = pixels[:limit], entries[:limit]
-        return pixels, entries, class_names
-    if limit is not None and limit < len(entries):
-        entries = entries[:limit]
-        key = cache_key(root, split, entries, preprocess)
-        path = cache_path(cache_dir, root, split, key)
+    if use_cache and preprocess is not None and preprocess.channels == 3 and preprocess.resize == preprocess.crop:
+        # Images already at the crop size pass this transform unchanged: a cache of the raw pixels
+        # of that size serves (folders cached before preprocessing existed are not decoded again).
+        raw, raw_entries, _, _ = _lookup(root, split, entries, limit, cache_dir, class_names, None)
+        if raw is not None and raw.shape[1:] == preprocess.output_shape:
+            return raw, raw_entries, class_names
+    if use_cache:
+        pixels, entries, key, path = _lookup(root, split, entries, limit, cache_dir, class_names, preprocess)
     else:
-        key, path = full_key, full_path
-    pixels = _read_cache(path, key, entries, class_names) if use_cache and path != full_path else None
+        entries = entries if limit is None else entries[:limit]
+        pixels, key, path = None, None, None
     if pixels is None:
         decoded = decode_files(entries, desc=f"decoding {root.name}/{split}", preprocess=preprocess)
         pixels = (_write_cache(path, decoded, key, entries, class_names) if use_cache else None)

@@ -300,3 +300,23 @@ def test_a_cache_of_images_already_at_the_input_size_serves_their_preprocessing(
     assert pre.images.path == raw.images.path  # no second decode, no second cache entry
     np.testing.assert_array_equal(pre.images.read_uint8(), raw.images.read_uint8())
     assert len(list((tmp_path / "c" / "imagefolder").glob("*.npy"))) == 1
+
+
+def test_tfds_data_source_streams_through_the_preprocessing(tmp_path):
+    """A tfds array_record split (built offline from a folder) is decoded per record by grain."""
+    pytest.importorskip("tensorflow_datasets")
+    from jaxroute.data import prepare_imagefolder_tfds
+
+    root = tmp_path / "fixed"
+    for k, a in enumerate(synthetic_images(4, seed=5)):
+        d = root / "test" / f"c{k % 2}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(a).resize((40, 48)).save(d / f"{k}.png")
+    prepare_imagefolder_tfds(root, tmp_path / "tfds", "jaxroute_pipeline_imgs")
+    pre = Preprocess(36, 32)
+    got = load_dataset("tfds:jaxroute_pipeline_imgs", "test", data_dir=tmp_path / "tfds", preprocess=pre,
+                       workers=0, stream=True)
+    ref = stream_imagefolder(root, "test", pre, workers=0)
+    assert got.info["source"] == "tfds" and got.images.shape == (4, 32, 32, 3)
+    np.testing.assert_array_equal(got.labels, ref.labels)
+    np.testing.assert_array_equal(got.images.read_uint8(), ref.images.read_uint8())  # PNG inside: lossless

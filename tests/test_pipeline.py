@@ -320,3 +320,37 @@ def test_tfds_data_source_streams_through_the_preprocessing(tmp_path):
     assert got.info["source"] == "tfds" and got.images.shape == (4, 32, 32, 3)
     np.testing.assert_array_equal(got.labels, ref.labels)
     np.testing.assert_array_equal(got.images.read_uint8(), ref.images.read_uint8())  # PNG inside: lossless
+
+
+@pytest.mark.slow  # three processes each start JAX and compile
+def test_two_jax_distributed_processes_equal_one(mixed_folder, tmp_path):
+    """Two real jax.distributed processes route a variable-size folder through the grain stream
+    (--skip-bad forces it for the small model) into one output; it equals a one-process run."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from jaxroute.extraction import load_shards
+
+    root, files = mixed_folder
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "JAXROUTE_CPU_DEVICES": "1", "PYTHONPATH": str(repo)}
+    base = [sys.executable, "-m", "jaxroute.cli.main", "route", "--model", "digits_cnn", "--data", str(root),
+            "--split", "test", "--steps", "2", "--batch-size", "1", "--shard-size", "1", "--skip-bad",
+            "--decode-workers", "1", "--no-progress"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        addr = f"127.0.0.1:{s.getsockname()[1]}"
+    procs = [subprocess.Popen(base + ["--out", str(tmp_path / "two"), "--coordinator", addr, "--num-processes", "2",
+                                      "--process-id", str(i)], env=env, cwd=repo, stderr=subprocess.PIPE, text=True)
+             for i in (0, 1)]
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    one = subprocess.run(base + ["--out", str(tmp_path / "one")], env=env, cwd=repo, capture_output=True, text=True,
+                         timeout=600)
+    assert one.returncode == 0, one.stderr
+    a, b = load_shards(tmp_path / "one"), load_shards(tmp_path / "two")
+    assert len(a["index"]) == len(files) and set(a) == set(b)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])

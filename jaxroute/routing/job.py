@@ -101,7 +101,8 @@ def route_dataset(model, dataset: Dataset, out: str | os.PathLike, *, plan: Batc
     res = run_extraction(route_outputs(model, method, config, momentum_from), dataset, out, job=job, plan=plan, extra=extra,
                          progress=progress, desc=f"route {method}", process_index=process_index,
                          process_count=process_count, log=log)
-    timing = {"seconds": res.seconds, "routed_now": res.computed, "images_per_s": res.samples_per_s}
+    timing = {"seconds": res.seconds, "routed_now": res.computed, "images_per_s": res.samples_per_s,
+              "input_images_per_s": res.input_per_s, "routing_images_per_s": res.compute_per_s}
     pi = jax.process_index() if process_index is None else process_index
     return summarize(out, model.spec, timing, write=(pi == 0))
 

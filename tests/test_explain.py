@@ -52,13 +52,13 @@ def pair():
 
 @pytest.fixture(scope="module")
 def images():
-    """Smooth synthetic images (B=3) with some texture, and arbitrary targets."""
+    """Smooth synthetic images (B=2) with some texture, and arbitrary targets."""
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:32, 0:32] / 31.0
     x = np.stack([np.stack([np.sin(np.pi * (a * xx + b * yy) + c) * 0.4 + 0.5 for a, b, c in rng.random((3, 3)) * 3], -1)
-                  for _ in range(3)]).astype(np.float32)
+                  for _ in range(2)]).astype(np.float32)
     x = np.clip(x + 0.05 * rng.standard_normal(x.shape), 0, 1).astype(np.float32)
-    return x, np.array([3, 0, 7], np.int32)
+    return x, np.array([3, 7], np.int32)
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,7 @@ def float64(model):
 
 
 # Reduced step/sample counts keep the default suite fast; Captum gets the same counts.
-SMALL = {"integrated_gradients": IGConfig(steps=16), "smoothgrad": SmoothGradConfig(samples=8)}
+SMALL = {"integrated_gradients": IGConfig(steps=8), "smoothgrad": SmoothGradConfig(samples=4)}
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["full", "gated"])
@@ -150,7 +150,7 @@ def test_pixel_methods_equal_captum(pair, images, gates, method, gated):
         ex = explain(float64(model), None if g is None else jnp.asarray(g, jnp.float64), x64, jnp.asarray(target),
                      method=method, config=config, key=key)
         got, got_map = np.asarray(ex.attributions), np.asarray(ex.maps)
-    want = captum_attributions(tm, method, x, target, g, noise, steps=16)
+    want = captum_attributions(tm, method, x, target, g, noise, steps=8)
     want_map = np.abs(want).max(-1)
     scale = float(want_map.max())
     assert scale > 0
@@ -171,7 +171,7 @@ def test_grad_cam_equals_captum(pair, images, gates, gated):
         ex = explain(m64, gj, x64, jnp.asarray(target), method="grad_cam")
         maps, attr_shape = np.asarray(ex.maps), ex.attributions.shape
     want_cam, want_up = captum_attributions(tm, "grad_cam", x, target, g)
-    assert cam.shape == (3, 8, 8) and maps.shape == (3, 32, 32) and attr_shape == (3, 32, 32, 3)
+    assert cam.shape == (2, 8, 8) and maps.shape == (2, 32, 32) and attr_shape == (2, 32, 32, 3)
     scale = float(want_cam.max())
     assert scale > 0
     assert_close(cam, want_cam, scale, "Grad-CAM 8x8")
@@ -197,17 +197,17 @@ def test_relu_rule_reaches_the_residual_relus(pair, images):
 def test_integrated_gradients_completeness(pair, images):
     """sum(attributions) = logit(x) - logit(black) within 1 % at 300 steps (Sundararajan et al., Prop. 1)."""
     model, _ = pair
-    x, target = jnp.asarray(images[0]), jnp.asarray(images[1])
-    ex = integrated_gradients(model, None, x, target, config=IGConfig(steps=300, batch_steps=100))
-    lg = lambda z: np.take_along_axis(np.asarray(model.logits(z)), images[1][:, None], 1)[:, 0]  # noqa: E731
+    x, target = jnp.asarray(images[0][:1]), jnp.asarray(images[1][:1])
+    ex = integrated_gradients(model, None, x, target, config=IGConfig(steps=300))
+    lg = lambda z: np.asarray(model.logits(z))[:, images[1][0]]  # noqa: E731
     delta = lg(x) - lg(jnp.zeros_like(x))
     total = np.asarray(ex.attributions).sum(axis=(1, 2, 3))
     assert np.all(np.abs(total - delta) <= 0.01 * np.abs(delta)), (total, delta)
 
 
-@pytest.mark.parametrize("method", ["smoothgrad", "grad_cam"])
+@pytest.mark.parametrize("method", [pytest.param("smoothgrad", marks=pytest.mark.slow), "grad_cam"])
 def test_one_image_alone_equals_it_in_a_batch(pair, images, method):
-    """Jitted, per-sample class gates and per-sample SmoothGrad keys: image 2 alone = image 2 in the batch
+    """Jitted, per-sample class gates and per-sample SmoothGrad keys: image 1 alone = image 1 in the batch
     (the other methods share these code paths: the vmapped points, the gate shift)."""
     model, _ = pair
     x, target = images
@@ -215,11 +215,11 @@ def test_one_image_alone_equals_it_in_a_batch(pair, images, method):
     small = {"smoothgrad": SmoothGradConfig(samples=4)}.get(method)
     fn = explanation_outputs(model, method, small, subnets=subnets, target="label",
                              key=jax.random.key(3) if method == "smoothgrad" else None)
-    batch = fn(jnp.asarray(x), jnp.asarray(target), jnp.arange(3))
-    alone = fn(jnp.asarray(x[2:3]), jnp.asarray(target[2:3]), jnp.arange(2, 3))
-    scale = float(np.abs(batch["maps"][2]).max())
-    np.testing.assert_allclose(alone["attributions"][0], batch["attributions"][2], atol=1e-5 * scale, rtol=0)
-    np.testing.assert_allclose(alone["maps"][0], batch["maps"][2], atol=1e-5 * scale, rtol=0)
+    batch = fn(jnp.asarray(x), jnp.asarray(target), jnp.arange(2))
+    alone = fn(jnp.asarray(x[1:2]), jnp.asarray(target[1:2]), jnp.arange(1, 2))
+    scale = float(np.abs(batch["maps"][1]).max())
+    np.testing.assert_allclose(alone["attributions"][0], batch["attributions"][1], atol=1e-5 * scale, rtol=0)
+    np.testing.assert_allclose(alone["maps"][0], batch["maps"][1], atol=1e-5 * scale, rtol=0)
 
 
 def test_subnets_select_each_images_class(pair, images, gates):
@@ -229,8 +229,8 @@ def test_subnets_select_each_images_class(pair, images, gates):
     rng = np.random.default_rng(2)
     subnets = (rng.random((10, model.spec.size)) < 0.6).astype(np.float32)
     fn = explanation_outputs(model, "gradient", subnets=subnets)
-    out = fn(x, jnp.asarray(target), jnp.arange(3))
-    for i in (0, 2):
+    out = fn(x, jnp.asarray(target), jnp.arange(2))
+    for i in (1,):
         ex = explain(model, jnp.asarray(subnets[target[i]]), x[i:i + 1], jnp.asarray(target[i:i + 1]),
                      method="gradient")
         np.testing.assert_allclose(out["attributions"][i], ex.attributions[0], rtol=1e-5, atol=1e-7)
@@ -250,15 +250,15 @@ def test_bad_configs_and_inputs(pair, images):
     with pytest.raises(ValueError, match="Grad-CAM upsample"):
         GradCAMConfig(upsample="nearest")
     with pytest.raises(ValueError, match="unknown saliency method"):
-        explain(model, None, x, jnp.zeros(3, jnp.int32), method="lime")
+        explain(model, None, x, jnp.zeros(2, jnp.int32), method="lime")
     with pytest.raises(TypeError, match="IGConfig"):
-        explain(model, None, x, jnp.zeros(3, jnp.int32), method="integrated_gradients", config=SmoothGradConfig())
+        explain(model, None, x, jnp.zeros(2, jnp.int32), method="integrated_gradients", config=SmoothGradConfig())
     with pytest.raises(ValueError, match="PRNG key"):
-        explain(model, None, x, jnp.zeros(3, jnp.int32), method="smoothgrad")
+        explain(model, None, x, jnp.zeros(2, jnp.int32), method="smoothgrad")
     with pytest.raises(ValueError, match="target must be"):
-        explain(model, None, x, jnp.zeros(2, jnp.int32), method="gradient")
+        explain(model, None, x, jnp.zeros(3, jnp.int32), method="gradient")
     with pytest.raises(ValueError, match="not a spatial gate point"):
-        explain(model, None, x, jnp.zeros(3, jnp.int32), method="grad_cam", config=GradCAMConfig(layer="fc"))
+        explain(model, None, x, jnp.zeros(2, jnp.int32), method="grad_cam", config=GradCAMConfig(layer="fc"))
 
 
 def test_load_subnets_checks_the_model(pair, tmp_path):
@@ -274,14 +274,14 @@ def test_load_subnets_checks_the_model(pair, tmp_path):
 
 # ----------------------------------------------------------------------------- command line
 def test_cli_explain_digits(tmp_path, capsys):
-    """`jaxroute explain` on the digits CNN (random weights): two methods, full and under class subnetworks."""
+    """`jaxroute explain` on the digits CNN (random weights), full and under class subnetworks."""
     from jaxroute.cli.main import main
 
     base = ["explain", "--model", "digits_cnn", "--data", "digits", "--split",
             "test", "--limit", "12", "--batch-size", "6", "--shard-size", "6", "--no-progress", "--json"]
-    assert main(base + ["--method", "gradient,grad_cam", "--out", str(tmp_path / "full")]) == 0
+    assert main(base + ["--method", "gradient", "--out", str(tmp_path / "full")]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert res["n"] == 12 and res["methods"] == ["gradient", "grad_cam"] and set(res["maps_per_s"]) == set(res["methods"])
+    assert res["n"] == 12 and res["methods"] == ["gradient"] and set(res["maps_per_s"]) == {"gradient"}
     z = np.load(tmp_path / "full" / "gradient" / "test.npz")
     assert z["attributions"].shape == (12, 8, 8, 1) and z["maps"].shape == (12, 8, 8)
     assert z["attributions"].dtype == np.float32

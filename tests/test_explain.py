@@ -24,7 +24,7 @@ import pytest
 
 from jaxroute.explain import (
     METHODS, GradCAMConfig, IGConfig, SmoothGradConfig, explain, explanation_outputs, grad_cam_layer, grad_cam_map,
-    integrated_gradients, load_subnets, smoothgrad_noise,
+    integrated_gradients, class_gates, smoothgrad_noise,
 )
 from jaxroute.models import GatedModel, create_model, default_meta
 
@@ -261,15 +261,32 @@ def test_bad_configs_and_inputs(pair, images):
         explain(model, None, x, jnp.zeros(2, jnp.int32), method="grad_cam", config=GradCAMConfig(layer="fc"))
 
 
-def test_load_subnets_checks_the_model(pair, tmp_path):
+def save_subnets(path, gates, classes=None):
+    """A subnets.npz as ``jaxroute subnet`` writes it (one snapshot), with the given gates."""
+    from jaxroute.routing.subnet import Subnets
+
+    k, d = gates.shape
+    classes = np.arange(k) if classes is None else np.asarray(classes)
+    s = Subnets(gates=gates, sparsity=np.mean(gates > 0, 1), selected_epoch=np.ones(k, int),
+                fallback=np.zeros(k, bool), classes=classes, snapshot_gates=gates[None],
+                snapshot_loss=np.zeros((1, k)), snapshot_sparsity=np.mean(gates > 0, 1)[None],
+                train_loss=np.zeros((1, k)))
+    np.savez(path / "subnets.npz", **s._asdict())
+
+
+def test_class_gates_checks_the_model(pair, tmp_path):
     model, _ = pair
-    np.savez(tmp_path / "subnets.npz", gates=np.ones((10, model.spec.size), np.float32))
-    assert load_subnets(tmp_path, model).shape == (10, model.spec.size)
-    np.savez(tmp_path / "subnets.npz", gates=np.ones((10, 7), np.float32))
-    with pytest.raises(ValueError, match="another model"):
-        load_subnets(tmp_path, model)
+    g = np.random.default_rng(0).random((10, model.spec.size)).astype(np.float32)
+    save_subnets(tmp_path, g[::-1].copy(), classes=np.arange(10)[::-1])
+    np.testing.assert_array_equal(class_gates(tmp_path, model), g)  # row c = class c
+    save_subnets(tmp_path, np.ones((10, 7), np.float32))
+    with pytest.raises(ValueError, match="has 688 gates|gates per subnetwork"):
+        class_gates(tmp_path, model)
+    save_subnets(tmp_path, np.ones((3, model.spec.size), np.float32))
+    with pytest.raises(ValueError, match="no subnetwork for classes"):
+        class_gates(tmp_path, model)
     with pytest.raises(FileNotFoundError):
-        load_subnets(tmp_path / "nothing", model)
+        class_gates(tmp_path / "nothing", model)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -287,16 +304,16 @@ def test_cli_explain_digits(tmp_path, capsys):
     assert z["attributions"].dtype == np.float32
     np.testing.assert_array_equal(z["target"], z["label"])
     d = 32 + 64 + 128
-    np.savez(tmp_path / "subnets.npz", gates=np.ones((10, d), np.float32))
+    save_subnets(tmp_path, np.ones((10, d), np.float32))
     assert main(base + ["--method", "gradient", "--subnets", str(tmp_path), "--out", str(tmp_path / "sub")]) == 0
     capsys.readouterr()
     # all-ones subnetworks = the full model
     np.testing.assert_allclose(np.load(tmp_path / "sub" / "gradient" / "test.npz")["attributions"],
                                z["attributions"], rtol=1e-6, atol=1e-7)
     # bad input: one line, exit 2
-    np.savez(tmp_path / "subnets.npz", gates=np.ones((10, d + 1), np.float32))
+    save_subnets(tmp_path, np.ones((10, d + 1), np.float32))
     assert main(base + ["--method", "gradient", "--subnets", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
-    assert "another model" in capsys.readouterr().err
+    assert "gates per subnetwork" in capsys.readouterr().err
     assert main(base + ["--method", "gradient,lime", "--out", str(tmp_path / "y")]) == 2
     assert "unknown saliency method" in capsys.readouterr().err
 

@@ -34,7 +34,7 @@ def _configs(args) -> dict:
 def cmd_explain(args):
     import jax
 
-    from jaxroute.explain import explain_dataset, load_subnets
+    from jaxroute.explain import explain_dataset, class_gates
     from jaxroute.extraction import plan_batches
     from jaxroute.utils.io import check_writable_dir
 
@@ -46,7 +46,7 @@ def cmd_explain(args):
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
     check_writable_dir(args.out)
     model = model_from_args(args, need_weights=True)
-    subnets = load_subnets(args.subnets, model) if args.subnets else None
+    subnets = class_gates(args.subnets, model) if args.subnets else None
     ds = data_for(model, args, stream=True)
     batch_size = args.batch_size or (8 if jax.default_backend() == "cpu" else 64)
     plan = plan_batches(len(ds.images), batch_size, args.shard_size)

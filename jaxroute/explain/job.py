@@ -35,29 +35,22 @@ from jaxroute.extraction import BatchPlan, load_manifest, load_shards, run_extra
 from jaxroute.utils.io import atomic_save_npz
 
 TARGET_RULES = ("label", "pred")
-SUBNETS_FILE = "subnets.npz"
 
 
-def load_subnets(path: str | os.PathLike, model) -> np.ndarray:
-    """The class subnetworks ``gates`` (K, D) of ``path`` (a directory with ``subnets.npz``, or the
-    file), checked against ``model``: K its class count, D its gate count."""
-    path = Path(path)
-    f = path / SUBNETS_FILE if path.is_dir() else path
-    if not f.is_file():
-        raise FileNotFoundError(f"no class subnetworks at {f}")
-    try:
-        with np.load(f) as z:
-            if "gates" not in z.files:
-                raise ValueError(f"{f} has no array 'gates' (has {sorted(z.files)})")
-            gates = np.asarray(z["gates"], np.float32)
-    except (OSError, EOFError) as e:  # np.load's error for a file that is not a .npz
-        raise ValueError(f"{f} is not a readable .npz file ({e})") from e
-    expected = (model.num_classes, model.spec.size)
-    if gates.shape != expected:
-        raise ValueError(f"the subnetworks in {f} have shape {gates.shape}; {model.name} needs one gate vector "
-                         f"per class, {expected} (subnetworks of another model?)")
+def class_gates(path: str | os.PathLike, model) -> np.ndarray:
+    """The class subnetworks of a ``jaxroute subnet`` output (:func:`jaxroute.routing.subnet.load_subnets`,
+    which refuses subnetworks of another model) as one gate vector per class of ``model``: (K, D), row c = class c."""
+    from jaxroute.routing.subnet import load_subnets
+
+    s = load_subnets(path, model)
+    k = model.num_classes
+    missing = sorted(set(range(k)) - {int(c) for c in s.classes})
+    if missing:
+        raise ValueError(f"{path} has no subnetwork for classes {missing}; explaining every class needs all {k}")
+    gates = np.zeros((k, model.spec.size), np.float32)
+    gates[np.asarray(s.classes, int)] = s.gates
     if not np.all(np.isfinite(gates)):
-        raise ValueError(f"the subnetworks in {f} hold non-finite gates")
+        raise ValueError(f"the subnetworks in {path} hold non-finite gates")
     return gates
 
 

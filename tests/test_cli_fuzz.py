@@ -347,3 +347,37 @@ def test_coordinator_without_workers_is_a_one_line_error(tmp_path):
     for bad in ("Traceback", "Check failure", "*** ", "SIGABRT", "Aborted"):
         assert bad not in out.stderr, out.stderr
     assert not (tmp_path / "r" / "manifest.json").exists()
+
+
+def test_rendezvous_releases_everyone_or_names_who_is_missing():
+    """The socket rendezvous before jax.distributed: all processes meet, or each side ends with one line."""
+    import threading
+
+    from jaxroute.utils import rendezvous
+
+    addr = f"127.0.0.1:{_free_port()}"
+    errors = []
+
+    def worker(pid, n=3, timeout=20):
+        try:
+            rendezvous.join(addr, pid, n, timeout, log=lambda m: None)
+        except ValueError as e:
+            errors.append(str(e))
+
+    threads = [threading.Thread(target=worker, args=(pid,)) for pid in (1, 2)]
+    for t in threads:  # the workers come first and wait for process 0
+        t.start()
+    rendezvous.gather(addr, 3, 20, log=lambda m: None)
+    for t in threads:
+        t.join(30)
+    assert not errors and not any(t.is_alive() for t in threads)
+
+    addr = f"127.0.0.1:{_free_port()}"
+    t = threading.Thread(target=worker, args=(1, 2, 5))   # says 2 processes; process 0 runs 3
+    t.start()
+    with pytest.raises(ValueError, match=r"within 2 s: processes 1, 2 of 3 never connected"):
+        rendezvous.gather(addr, 3, 2, log=lambda m: None)
+    t.join(30)
+    assert len(errors) == 1 and "refused this process" in errors[0] and "process 1 of 2" in errors[0]
+    with pytest.raises(ValueError, match="did not answer within 1 s"):
+        rendezvous.join(f"127.0.0.1:{_free_port()}", 1, 2, 1, log=lambda m: None)

@@ -38,8 +38,9 @@ IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 VALID: dict[str, list[str]] = {
     "info": ["info", "--model", "digits_cnn"],
     "eval": ["eval", "--model", "digits_cnn", "--weights", "<ckpt>", "--limit", "8"],
-    "train": ["train", "--model", "digits_cnn", "--limit", "8", "--epochs", "1", "--batch-size", "8",
-              "--out", "<trained>", "--overwrite", "--no-progress"],
+    # fine-tunes the checkpoint: a random initialisation would compile the init on every case
+    "train": ["train", "--model", "digits_cnn", "--weights", "<ckpt>", "--limit", "8", "--epochs", "1",
+              "--batch-size", "8", "--out", "<trained>", "--overwrite", "--no-progress"],
     "convert": ["convert", "--model", "digits_cnn", "--weights", "<torch_file>", "--out", "<converted>",
                 "--overwrite"],
     "route": ["route", "--model", "digits_cnn", "--weights", "<ckpt>", "--limit", "8", "--steps", "2",

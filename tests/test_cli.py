@@ -94,7 +94,7 @@ def test_route_output_checked_before_any_work(tmp_path, capsys, monkeypatch):
     def no_loading(*a, **k):
         raise AssertionError("the model was loaded before the output was checked")
 
-    monkeypatch.setattr(cli, "_load", no_loading)
+    monkeypatch.setattr(cli, "model_from_args", no_loading)
     afile = tmp_path / "afile"
     afile.write_text("x")
     for out, needle in ((afile, "exists and is not a directory"), (afile / "sub", "cannot write to the output")):

@@ -112,6 +112,18 @@ def check_positive(value, name: str) -> None:
         raise ValueError(f"{name} must be > 0 (in [0, 1] pixel units), got {value}")
 
 
+def check_nonnegative(value, name: str) -> None:
+    """A finite number >= 0 (inf passes a bare ``>= 0`` and turns the attack's arithmetic into NaN)."""
+    if not is_concrete(value):
+        return
+    try:
+        v = None if isinstance(value, bool) else np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        v = None
+    if v is None or not np.all(np.isfinite(v)) or np.any(v < 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
 def check_int(value, name: str, minimum: int = 1) -> None:
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")

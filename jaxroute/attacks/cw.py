@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxroute.attacks.core import (
-    AttackResult, LogitsFn, bcast, check_int, check_positive, compaction_widths, finish,
+    AttackResult, LogitsFn, bcast, check_int, check_nonnegative, check_positive, compaction_widths, finish,
     per_sample, predict, prepare, resolve_config, step_live_rows,
 )
 
@@ -77,8 +77,7 @@ class CWConfig:
         check_positive(self.lr, "lr")
         check_int(self.steps, "steps")
         check_int(self.binary_search_steps, "binary_search_steps")
-        if not self.kappa >= 0:
-            raise ValueError(f"kappa must be >= 0, got {self.kappa}")
+        check_nonnegative(self.kappa, "kappa")
         if self.compaction is not None:
             check_int(self.compaction, "compaction", minimum=2)
 

@@ -54,7 +54,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxroute.attacks.core import (
-    AttackResult, LogitsFn, bcast, check_int, compaction_widths, finish, prepare, resolve_config,
+    AttackResult, LogitsFn, bcast, check_int, check_nonnegative, compaction_widths, finish, prepare, resolve_config,
     step_live_rows,
 )
 
@@ -68,8 +68,7 @@ class DeepFoolConfig:
     compaction: int | None = 4
 
     def __post_init__(self):
-        if not self.overshoot >= 0:
-            raise ValueError(f"overshoot must be >= 0, got {self.overshoot}")
+        check_nonnegative(self.overshoot, "overshoot")
         check_int(self.max_iter, "max_iter")
         if self.num_candidates is not None:
             check_int(self.num_candidates, "num_candidates", minimum=2)

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxroute.attacks.core import (
-    AttackResult, LogitsFn, bcast, check_int, check_labels, check_positive, cross_entropy,
+    AttackResult, LogitsFn, bcast, check_int, check_labels, check_nonnegative, check_positive, cross_entropy,
     check_images, l2_norm, linf_norm, loop_friendly, num_classes_of, per_sample, resolve_config,
 )
 
@@ -59,8 +59,7 @@ class EnsembleConfig:
         check_int(self.k, "k")
         check_int(self.steps, "steps")
         check_positive(self.lr, "lr")
-        if not self.lam >= 0:
-            raise ValueError(f"lam must be >= 0, got {self.lam}")
+        check_nonnegative(self.lam, "lam")
 
 
 def least_likely(logits_fns: Sequence[LogitsFn], x: jax.Array, k: int = 1) -> jax.Array:

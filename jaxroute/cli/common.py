@@ -94,6 +94,8 @@ def check_new_output(path, overwrite: bool) -> None:
     from jaxroute.utils.io import check_writable_dir
 
     path = Path(path)
+    if path.exists() and not path.is_dir():  # --overwrite replaces checkpoint folders, never other files
+        raise ValueError(f"output {path} exists and is not a directory")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists (pass --overwrite to replace it)")
     check_writable_dir(path.parent if str(path.parent) else Path("."))

@@ -39,46 +39,44 @@ def _cpu_devices_per_core() -> None:
         pass  # main() called in a process where JAX already runs: keep its devices
 
 
-def _wait_for_port(address: str, timeout: float) -> None:
-    """Wait until ``host:port`` accepts TCP connections, logging progress; ValueError after ``timeout`` s."""
-    import socket
+def _check_distributed_args(args) -> None:
+    """The multi-process options, checked before any work (also when --coordinator is absent, where
+    they would otherwise be ignored)."""
+    if args.init_timeout < 1:
+        raise ValueError(f"--init-timeout must be >= 1 second, got {args.init_timeout}")
+    if args.num_processes is not None and args.num_processes < 1:
+        raise ValueError(f"--num-processes must be >= 1, got {args.num_processes}")
+    if args.coordinator is None:
+        if args.num_processes is not None or args.process_id is not None:
+            raise ValueError("--num-processes and --process-id apply to a --coordinator job")
+        return
+    from jaxroute.utils.rendezvous import split_address
 
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"--coordinator must be host:port, got {address!r}")
-    deadline, last_log = time.monotonic() + timeout, time.monotonic()
-    while True:
-        try:
-            with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
-                return
-        except OSError as e:
-            err = e.strerror or type(e).__name__
-        now = time.monotonic()
-        if now >= deadline:
-            raise ValueError(f"the coordinator {address} did not answer within {timeout:g} s ({err}); start "
-                             "process 0 first, or check the address")
-        if now - last_log >= 10:
-            log(f"waiting for the coordinator {address} ({err}); {deadline - now:.0f} s left")
-            last_log = now
-        time.sleep(0.5)
-
-
-def _init_distributed(args) -> None:
-    """Join a jax.distributed job with a bounded wait and a one-line error if the coordinator never answers."""
-    import jax
-
+    try:
+        split_address(args.coordinator)
+    except ValueError:
+        raise ValueError(f"--coordinator must be host:port, got {args.coordinator!r}") from None
     if args.num_processes is None or args.process_id is None:
         raise ValueError("--coordinator needs --num-processes and --process-id")
     if not 0 <= args.process_id < args.num_processes:
         raise ValueError(f"--process-id must be in [0, {args.num_processes}), got {args.process_id}")
-    if args.init_timeout < 1:
-        raise ValueError(f"--init-timeout must be >= 1 second, got {args.init_timeout}")
+
+
+def _init_distributed(args) -> None:
+    """Join a jax.distributed job with a bounded wait and a one-line error if a process never comes."""
+    import jax
+
+    from jaxroute.utils import rendezvous
+
+    _check_distributed_args(args)
     log(f"joining {args.num_processes} processes at {args.coordinator} as process {args.process_id} "
          f"(waiting up to {args.init_timeout} s)")
-    if args.process_id != 0:
-        # XLA aborts the whole process (with a C++ stack trace) when it cannot reach the coordinator:
-        # wait for the coordinator's port here first, so an unreachable one ends with one line.
-        _wait_for_port(args.coordinator, args.init_timeout)
+    # The runtime aborts the process (a C++ stack trace, no exception) when a process of the job
+    # never comes: meet the others over a plain socket first, so that ends with one line.
+    if args.process_id == 0:
+        rendezvous.gather(args.coordinator, args.num_processes, args.init_timeout, log=log)
+    else:
+        rendezvous.join(args.coordinator, args.process_id, args.num_processes, args.init_timeout, log=log)
     try:
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
                                    initialization_timeout=args.init_timeout)
@@ -92,7 +90,7 @@ def _init_distributed(args) -> None:
 def cmd_info(args) -> dict:
     from jaxroute.models import create_model, gate_spec, list_models, model_card
 
-    if not args.model:
+    if args.model is None:
         rows = []
         for name in list_models():
             c = model_card(name)
@@ -118,6 +116,8 @@ def cmd_info(args) -> dict:
 def cmd_eval(args) -> dict:
     from jaxroute.training import eval_logits, topk_accuracy
 
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     model = model_from_args(args, need_weights=True)
     ds = data_for(model, args)
     t = time.perf_counter()
@@ -139,7 +139,7 @@ def cmd_train(args) -> dict:
                       flip=args.augment, pad_crop=4 if args.augment else 0)
     check_new_output(args.out, args.overwrite)
     model = model_from_args(args)
-    train = data_for(model, args, split="train")
+    train = data_for(model, args)  # --split (default train)
     t = time.perf_counter()
     model = model.with_variables(fit(model, train, cfg, progress=not args.no_progress, log=log))
     seconds = time.perf_counter() - t
@@ -173,10 +173,15 @@ def _route_config(args):
     """The router config of the chosen method from the CLI options (validated by the dataclass)."""
     from jaxroute.routing import DGRConfig, PruneConfig
 
+    fields = {"steps": args.steps, "lr": args.lr, "momentum": args.momentum, "gamma": args.gamma,
+              "clip_min": args.clip_min, "clip_max": args.clip_max}
+    given = {k: v for k, v in fields.items() if v is not None}
     if args.method == "dgr":
-        fields = {"steps": args.steps, "lr": args.lr, "momentum": args.momentum, "gamma": args.gamma,
-                  "clip_min": args.clip_min, "clip_max": args.clip_max}
-        return DGRConfig(**{k: v for k, v in fields.items() if v is not None})
+        if args.prune_frac is not None:
+            raise ValueError("--prune-frac applies to awr and aar, not dgr")
+        return DGRConfig(**given)
+    if given:  # silently ignoring them would record a job that is not the one asked for
+        raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in given)} apply to dgr, not {args.method}")
     return PruneConfig(**({} if args.prune_frac is None else {"frac": args.prune_frac}))
 
 
@@ -193,8 +198,9 @@ def cmd_route(args) -> dict:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    _check_distributed_args(args)
     check_writable_dir(args.out)
-    if args.coordinator:
+    if args.coordinator is not None:
         _init_distributed(args)
     model = model_from_args(args, need_weights=True)
     batch_size = args.batch_size or (32 if jax.default_backend() == "cpu" else 256)
@@ -223,9 +229,11 @@ def cmd_route(args) -> dict:
 # --------------------------------------------------------------------------- quickstart
 def cmd_quickstart(args) -> dict:
     """The embedded default job: train the digits CNN (once), then route the digits test set."""
-    from pathlib import Path
+    from jaxroute.training import TrainConfig
+    from jaxroute.utils.io import check_writable_dir
 
-    out = Path(args.out)
+    TrainConfig(epochs=args.epochs)  # checked even when a trained model is reused (it is not trained again)
+    out = check_writable_dir(args.out)
     ckpt = out / "digits_cnn"
     common = ["--data", "digits", "--no-progress"] if args.no_progress else ["--data", "digits"]
     if not (ckpt / "jaxroute.json").exists():
@@ -311,6 +319,8 @@ def cmd_attack(args) -> dict:
     config = ATTACKS[name][1](**kw)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
     out = check_writable_dir(args.out)
     model = model_from_args(args, need_weights=True)
     ds = data_for(model, args)

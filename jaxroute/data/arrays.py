@@ -8,11 +8,17 @@ arrays (``adv_pred``, ``target``, ``success``, ...) ride along.
 from __future__ import annotations
 
 import os
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 from .core import Dataset
+
+# What reading a truncated or damaged .npz raises: a missing zip directory, a short or corrupt
+# member (zlib, EOF), a bad .npy header (ValueError) or an unreadable file (OSError).
+NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
 
 
 def arrays_split_path(root: str | os.PathLike, split: str) -> Path:
@@ -39,13 +45,16 @@ def load_arrays_split(path: Path, limit: int | None) -> Dataset:
     from .core import as_dataset
 
     try:
-        z = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path} is not a readable .npz file of arrays: {e}") from None
-    with z:
-        missing = {"images", "labels"} - set(z.files)
-        if missing:
-            raise ValueError(f"{path} lacks arrays {sorted(missing)} (has {z.files})")
-        n = len(z["labels"]) if limit is None else min(limit, len(z["labels"]))
-        names = tuple(str(c) for c in z["class_names"]) if "class_names" in z.files else None
-        return as_dataset(z["images"][:n], z["labels"][:n], names, name=str(path))
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in ("images", "labels", "class_names") if k in z.files}
+            files = z.files
+    except NPZ_ERRORS as e:
+        raise ValueError(f"{path} is not a readable .npz file of arrays (truncated or damaged?): "
+                         f"{type(e).__name__}: {e}") from None
+    missing = {"images", "labels"} - set(arrays)
+    if missing:
+        raise ValueError(f"{path} lacks arrays {sorted(missing)} (has {files})")
+    images, labels = arrays["images"], arrays["labels"]
+    names = tuple(str(c) for c in arrays["class_names"]) if "class_names" in arrays else None
+    n = len(labels) if limit is None else min(limit, len(labels))
+    return as_dataset(images[:n], labels[:n], names, name=str(path))

@@ -94,6 +94,22 @@ def _draw(train_labels: np.ndarray, size: int, rng: np.random.Generator) -> np.n
     ])
 
 
+def check_protocol(sizes, runs: int, classifiers, seed: int) -> None:
+    """ValueError unless sizes and runs are integers >= 1, the classifiers known and the seed >= 0."""
+    def is_int(v, lo):
+        return not isinstance(v, bool) and isinstance(v, (int, np.integer)) and v >= lo
+
+    if not len(sizes) or not all(is_int(s, 1) for s in sizes):
+        raise ValueError(f"sizes (training images per class) must be integers >= 1, got {tuple(sizes)!r}")
+    if not is_int(runs, 1):
+        raise ValueError(f"runs must be an integer >= 1, got {runs!r}")
+    unknown = [c for c in classifiers if c not in CLASSIFIERS]
+    if not len(classifiers) or unknown:
+        raise ValueError(f"classifiers must be out of {sorted(CLASSIFIERS)}, got {tuple(classifiers)!r}")
+    if not is_int(seed, 0):  # numpy's generators take no negative seeds
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+
+
 def evaluate_protocol(train_real, train_adv, train_labels, test_real, test_adv, *, sizes=(10, 50, 100),
                       runs: int = 5, classifiers=tuple(CLASSIFIERS), seed: int = 0,
                       extra_tests: dict | None = None) -> list[dict]:
@@ -109,6 +125,7 @@ def evaluate_protocol(train_real, train_adv, train_labels, test_real, test_adv, 
     ``extra_tests`` ({name: (real, adv)}) are further test sets (e.g. another attack)
     scored by the same fitted detectors; their AUCs go into each row under ``extra``.
     """
+    check_protocol(sizes, runs, classifiers, seed)
     train_labels = np.asarray(train_labels)
     train_real, train_adv = np.asarray(train_real), np.asarray(train_adv)
     if not (len(train_real) == len(train_adv) == len(train_labels)):

@@ -97,6 +97,8 @@ def explain_dataset(model, dataset: Dataset, out: str | os.PathLike, *, plan: Ba
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise ValueError(f"unknown saliency method(s) {unknown or methods}; one of {sorted(METHODS)}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     if target == "label" and dataset.labels is None:
         raise ValueError("--target label needs a labelled data set (use --target pred)")
     if subnets is not None and tuple(np.shape(subnets)) != (model.num_classes, model.spec.size):

@@ -45,6 +45,7 @@ import jax
 import numpy as np
 
 from jaxroute.data import Batch, Dataset, batches
+from jaxroute.data.arrays import NPZ_ERRORS
 from jaxroute.data.core import _pad_rows
 from jaxroute.data.stored import read_rows, unit_float
 from jaxroute.extraction.plan import BatchPlan
@@ -80,9 +81,12 @@ def load_manifest(out: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{out} is not an extraction output (no {MANIFEST})")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"corrupt manifest {path}: {e}") from e
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"corrupt manifest {path}: {e}") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"corrupt manifest {path}: a JSON {type(manifest).__name__}, not an object")
+    return manifest
 
 
 def _differences(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
@@ -113,12 +117,26 @@ def _crc_rows(x: np.ndarray, crc: int = 0) -> int:
     return zlib.crc32(np.ascontiguousarray(x, np.float32).data, crc)
 
 
+def read_shard(path: str | os.PathLike, keys=None) -> dict[str, np.ndarray]:
+    """The arrays of one shard (those named in ``keys``, or all); ValueError naming the file if it is damaged.
+
+    Shards are written atomically, so a damaged one was changed outside the job: it is
+    refused, never silently recomputed over or merged.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files if keys is None or k in keys}
+    except NPZ_ERRORS as e:
+        raise ValueError(f"shard {path} is damaged ({type(e).__name__}: {e}); delete it and run the job "
+                         "again to recompute it") from None
+
+
 def _check_inputs_unchanged(out: Path, dataset: Dataset, done: list[int], plan: BatchPlan) -> None:
     """Refuse a resume whose input images differ from those the finished shards were computed from."""
     checked = []
     for i in done:
-        with np.load(shard_path(out, i)) as z:
-            stored = int(z["input_crc32"]) if "input_crc32" in z.files else None
+        z = read_shard(shard_path(out, i), keys=("input_crc32",))
+        stored = int(z["input_crc32"]) if "input_crc32" in z else None
         if stored is not None:
             checked.append((i, stored))
     ranges = [(i * plan.shard_size, min((i + 1) * plan.shard_size, len(dataset.images))) for i, _ in checked]
@@ -178,10 +196,9 @@ def load_shards(out: str | os.PathLike) -> dict[str, np.ndarray]:
         raise FileNotFoundError(f"no shards in {out}")
     parts: dict[str, list] = {}
     for f in files:
-        with np.load(f) as z:
-            for k in z.files:
-                if z[k].ndim:
-                    parts.setdefault(k, []).append(z[k])
+        for k, v in read_shard(f).items():
+            if v.ndim:
+                parts.setdefault(k, []).append(v)
     merged = {k: np.concatenate(v) for k, v in parts.items()}
     order = np.argsort(merged["index"], kind="stable")
     return {k: v[order] for k, v in merged.items()}

@@ -92,6 +92,9 @@ class DGRConfig:
             raise ValueError(f"DGR momentum must be in [0, 1), got {self.momentum}")
         if self.gamma < 0:
             raise ValueError(f"DGR gamma must be >= 0, got {self.gamma}")
+        if self.clip_min < 0:
+            # a gate scales its channel: a negative one would flip it, and a path's sparsity counts gates > 0
+            raise ValueError(f"DGR clip_min must be >= 0, got {self.clip_min}")
         if not self.clip_min < self.clip_max:
             raise ValueError(f"need clip_min < clip_max, got [{self.clip_min}, {self.clip_max}]")
 

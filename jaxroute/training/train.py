@@ -45,8 +45,10 @@ class TrainConfig:
         if not self.lr > 0 or not self.momentum < 1 or not self.label_smoothing < 1:
             raise ValueError(f"need lr > 0, momentum < 1 and label_smoothing < 1, got lr={self.lr}, "
                              f"momentum={self.momentum}, label_smoothing={self.label_smoothing}")
-        if isinstance(self.pad_crop, bool) or not isinstance(self.pad_crop, int) or self.pad_crop < 0:
-            raise ValueError(f"pad_crop must be an integer >= 0, got {self.pad_crop!r}")
+        for name in ("pad_crop", "seed"):  # numpy's generators take no negative seeds
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
 
 
 class TrainState(train_state.TrainState):

@@ -24,7 +24,7 @@ from flax.traverse_util import flatten_dict
 
 from jaxroute.models.meta import ModelMeta
 from jaxroute.utils.io import atomic_write_text
-from jaxroute.weights.torch_import import CheckpointMismatchError
+from jaxroute.weights.torch_import import CheckpointMismatchError, mismatch_message
 
 META_FILE = "jaxroute.json"
 
@@ -37,17 +37,14 @@ def check_tree(expected: Mapping, got: Mapping, what: str = "checkpoint") -> Non
     unexpected = [f"{k} {s}" for k, s in g.items() if k not in e]
     misshaped = [f"{k}: {what} {g[k]}, model {s}" for k, s in e.items() if k in g and g[k] != s]
     if missing or unexpected or misshaped:
-        lines = [f"{what} does not match the model:"]
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
-            if items:
-                lines.append(f"  {label} ({len(items)}): " + "; ".join(items[:20])
-                             + (" ..." if len(items) > 20 else ""))
-        raise CheckpointMismatchError("\n".join(lines))
+        raise CheckpointMismatchError(mismatch_message(what, missing, unexpected, misshaped))
 
 
 def save_model(path: str | os.PathLike, variables: Mapping, meta: ModelMeta, overwrite: bool = False) -> Path:
     path = Path(path).absolute()
     if path.exists():
+        if not path.is_dir():  # overwrite replaces a checkpoint folder, never another file
+            raise ValueError(f"{path} exists and is not a checkpoint directory")
         if not overwrite:
             raise FileExistsError(f"{path} exists (pass overwrite=True / --overwrite to replace it)")
         shutil.rmtree(path)
@@ -82,8 +79,10 @@ def restore_variables(path: str | os.PathLike, expected: Mapping | None = None) 
     path = Path(path).absolute()
     try:
         variables = ocp.StandardCheckpointer().restore(path / "variables")
-    except Exception as e:
-        raise ValueError(f"could not restore variables from {path / 'variables'}: {e}") from e
+    except Exception as e:  # orbax and tensorstore raise many types, often with multi-line messages
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"could not restore variables from {path / 'variables'} (damaged or not an orbax "
+                         f"checkpoint): {first}") from e
     variables = jax.tree_util.tree_map(np.asarray, variables)
     if expected is not None:
         check_tree(expected, variables, what=f"checkpoint {path}")

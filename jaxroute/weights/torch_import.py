@@ -37,6 +37,14 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint's tensors do not match the model: lists every difference."""
 
 
+def mismatch_message(what: str, missing: list[str], unexpected: list[str], misshaped: list[str]) -> str:
+    """One line naming the differences (the first 20 of each kind); the command line prints errors as one line."""
+    parts = [f"{label} ({len(items)}): " + "; ".join(items[:20]) + (" ..." if len(items) > 20 else "")
+             for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped))
+             if items]
+    return f"{what} does not match the model: " + " | ".join(parts)
+
+
 def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read a PyTorch checkpoint (zip or legacy pickle) into ``{name: ndarray}``.
 
@@ -126,10 +134,5 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], target: Mapping) -> dict
         used.add(key)
     missing = ["/".join(k) + f" {tuple(v.shape)}" for k, v in flat_target.items() if k not in used]
     if missing or unexpected or misshaped:
-        lines = ["checkpoint does not match the model:"]
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
-            if items:
-                lines.append(f"  {label} ({len(items)}): " + "; ".join(items[:20])
-                             + (" ..." if len(items) > 20 else ""))
-        raise CheckpointMismatchError("\n".join(lines))
+        raise CheckpointMismatchError(mismatch_message("checkpoint", missing, unexpected, misshaped))
     return jax.tree_util.tree_map(np.asarray, unflatten_dict(converted))

@@ -225,7 +225,7 @@ def test_cli_run_reports_the_keys(tmp_path, capsys):
     from jaxroute.cli.main import main
 
     out = tmp_path / "run"
-    argv = ["decouple", "--model", "digits_cnn", "--data", "digits", "--limit", "128", "--out", str(out),
+    argv = ["decouple", "--model", "digits_cnn", "--data", "digits", "--limit", "64", "--out", str(out),
             "--epochs", "2", "--batch-size", "32", "--freeze-backbone-epochs", "1", "--json"]
     assert main(argv) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -272,8 +272,14 @@ def _random_controllers(model, seed=0):
 
 def test_gathered_forward_equals_masked_dense_logits():
     from jaxroute.data import as_dataset
+    from jaxroute.models.gated import GatedModel
+    from jaxroute.models.meta import default_meta
+    from jaxroute.models.resnet_cifar import CifarResNet
 
-    model = _random_controllers(decoupled_model("resnet20", None, key=jax.random.key(4)))
+    # a decoupled CIFAR ResNet-8 (one block per stage: the ResNet-20 code path, a third of the compile)
+    module = CifarResNet(depth=8, gate_placement="decouple")
+    variables = jax.device_get(jax.jit(module.init)(jax.random.key(4), jnp.zeros((1, 32, 32, 3))))
+    model = _random_controllers(GatedModel(module, variables, default_meta("resnet20", gate_placement="decouple")))
     x = jnp.asarray(np.random.default_rng(0).uniform(size=(6, 32, 32, 3)).astype(np.float32))
     z = calculation_paths(model, x)
     assert any(np.ptp(np.asarray(v).sum(-1)) > 0 for v in z.values())  # paths differ between inputs
@@ -288,6 +294,14 @@ def test_gathered_forward_equals_masked_dense_logits():
     assert overflow > 0  # some layers ran over capacity and took the dense branch
     ev = evaluate(model, as_dataset(np.asarray(x), np.zeros(6, np.int32), tuple(str(i) for i in range(10))))
     assert ev["macs_reduction"] > 0 and 0 <= ev["active_fraction"] <= 1
+
+
+def test_resnet20_dense_macs():
+    from jaxroute.decoupling.model import decouple_module
+
+    model = type("M", (), {"meta": type("Meta", (), {"arch": "resnet20"}), "num_classes": 10,
+                           "module": decouple_module("resnet20")})
+    assert dense_macs(model) == 40_551_040  # 40.55M, the usual ResNet-20 count
 
 
 @pytest.mark.slow

@@ -38,7 +38,7 @@ def conv_layout(model: GatedModel) -> list[dict]:
     arch = model.meta.arch
     layers = []
     if arch in _CIFAR:
-        n = (int(arch[6:]) - 2) // 6
+        n = (model.module.depth - 2) // 6
         layers.append(_conv3x3("conv1", 32, 1, 3, 16))
         c, size = 16, 32
         for s, planes in enumerate((16, 32, 64), start=1):
@@ -201,13 +201,14 @@ def gathered_forward(model: GatedModel, caps: Mapping[str, int] | None = None):
     if arch not in _CIFAR or model.gate_placement != "decouple":
         raise ValueError(f"gathered_forward supports decoupled {', '.join(_CIFAR)}; got {arch!r} "
                          f"with gate placement {model.gate_placement!r}")
-    n = (int(arch[6:]) - 2) // 6
+    n = (model.module.depth - 2) // 6
     spec = dict(zip(model.spec.names, model.spec.channels))
     caps = dict(spec if caps is None else caps)
     for name, c in spec.items():
         if not isinstance(caps.get(name), (int, np.integer)) or not 1 <= caps[name] <= c:
             raise ValueError(f"capacity of {name!r} must be an integer in [1, {c}], got {caps.get(name)!r}")
-    P, S = model.variables["params"], model.variables["batch_stats"]
+    # JAX arrays: the weights are indexed with traced filter indices
+    P, S = jax.tree.map(jnp.asarray, (model.variables["params"], model.variables["batch_stats"]))
     mean, std = jnp.asarray(model.meta.mean), jnp.asarray(model.meta.std)
 
     def f(x):

@@ -339,21 +339,31 @@ def worker_torch_official(cfg) -> dict:
     from benchmarks import torch_dgr as td
 
     threads = td.set_threads(cfg["threads"])
-    model = _torch_model(cfg, td, channels_last=False)
+    dev, sync = _torch_device(cfg, torch)
+    model = _torch_model(cfg, td, channels_last=False).to(dev)
     imgs = _batches(_pool(cfg), 1, cfg["images"] + 1)
-    xs = [td.to_torch_input(x) for x in imgs]
+    xs = [td.to_torch_input(x).to(dev) for x in imgs]
     rss_base = rss_now_mib()
     t = time.perf_counter()
     td.dgr_official(model, xs[0], steps=2)  # warm-up (oneDNN primitives, allocator), T=2 to save time
+    sync()
     warmup_s = time.perf_counter() - t
     times = []
     for x in xs[1:]:
         t = time.perf_counter()
         td.dgr_official(model, x, steps=cfg["steps"])
+        sync()
         times.append(time.perf_counter() - t)
     return {"warmup_T2_s": warmup_s, "times": times, "median_s": median(times), "images_per_s": 1 / median(times),
             "rss_base_mib": rss_base, "rss_peak_mib": rss_peak_mib(), "torch_threads": threads,
             "torch_version": torch.__version__}
+
+
+def _torch_device(cfg, torch):
+    """(device, synchronize): CUDA when asked (timings then wait for the GPU), else the CPU."""
+    if cfg.get("torch_device", "cpu") == "cuda":
+        return torch.device("cuda"), torch.cuda.synchronize
+    return torch.device("cpu"), lambda: None
 
 
 def _torch_model(cfg, td, channels_last):
@@ -369,22 +379,25 @@ def worker_torch_batched(cfg) -> dict:
     from benchmarks import torch_dgr as td
 
     threads = td.set_threads(cfg["threads"])
-    model = _torch_model(cfg, td, channels_last=True)
+    dev, sync = _torch_device(cfg, torch)
+    model = _torch_model(cfg, td, channels_last=True).to(dev)
     compile_s = None
     if cfg.get("torch_compile"):
         t = time.perf_counter()
         model = torch.compile(model, dynamic=False)
         compile_s = time.perf_counter() - t
     b = cfg["batch"]
-    xs = [td.to_torch_input(x, channels_last=True) for x in _batches(_pool(cfg), b, cfg["repeats"] + 1)]
+    xs = [td.to_torch_input(x, channels_last=True).to(dev) for x in _batches(_pool(cfg), b, cfg["repeats"] + 1)]
     rss_base = rss_now_mib()
     t = time.perf_counter()
     td.dgr_batched(model, xs[0], steps=2)  # warm-up (T=2 to save time), also torch.compile's compilation
+    sync()
     warmup_s = time.perf_counter() - t
     times = []
     for x in xs[1:]:
         t = time.perf_counter()
         td.dgr_batched(model, x, steps=cfg["steps"])
+        sync()
         times.append(time.perf_counter() - t)
     if compile_s is not None:  # torch.compile compiles lazily, during the warm-up call
         compile_s = warmup_s
@@ -596,6 +609,11 @@ def main(argv=None) -> int:
     ap.add_argument("--torch-compile", action="store_true",
                     help="also time the batched PyTorch peer with torch.compile (inductor)")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch peers")
+    ap.add_argument("--accelerator", action="store_true",
+                    help="JAX's default backend is a GPU/TPU: jaxroute rows use its devices, the PyTorch peers run "
+                         "on CUDA, and the CPU-only rows (column pairing, pinned cores) are left out")
+    ap.add_argument("--job-batch", type=int, default=None,
+                    help="per-device batch of the route-job rows (default 32; 256 suits a GPU)")
     ap.add_argument("--quick", action="store_true", help="tiny settings for a smoke test (about 2 minutes)")
     ap.add_argument("--timeout", type=float, default=None, help="seconds per configuration subprocess")
     ap.add_argument("--json-out", default=None, help="also write the JSON result to this file")
@@ -637,6 +655,8 @@ def main(argv=None) -> int:
         print(f"WARNING: load average {info['loadavg_start'][0]} on {info['cpu_count']} cores: the machine is "
               "busy, timings are unreliable (PyTorch's OpenMP threads suffer most)", flush=True)
 
+    if args.accelerator:
+        devices = [1] if args.devices is None else devices
     tmp = Path(tempfile.mkdtemp(prefix="jaxroute-bench-"))
     try:
         return _main(args, info, tmp, models, batch_sizes, other_bs, repeats, n_images, official_images, devices,
@@ -661,12 +681,20 @@ def _main(args, info, tmp, models, batch_sizes, other_bs, repeats, n_images, off
     t_run = time.perf_counter()
 
     ncores = os.cpu_count() or 1
+    accel = args.accelerator
+    if accel:  # jaxroute on the accelerator's devices; on a CPU one device per core (the library's default)
+        import jax
+
+        ndev = jax.local_device_count()
+    else:
+        ndev = ncores
     ablation_batch = q.get("ablation_batch", 64)
-    job_batch = q.get("job_batch", 32)
+    job_batch = args.job_batch or q.get("job_batch", 32)
     job_images = parse_ints(args.job_images or q.get("job_images", "512,2048"))
 
     def run(label, cfg, xla_devices=None, env_extra=None):
-        cfg = {"pool": str(tmp / "pool.npy"), "steps": T, "threads": threads, **cfg}
+        cfg = {"pool": str(tmp / "pool.npy"), "steps": T, "threads": threads,
+               "torch_device": "cuda" if accel else "cpu", **cfg}
         if "model" in cfg:
             cfg.setdefault("weights", str(tmp / f"{cfg['model']}.npz"))
             cfg.setdefault("checkpoint", model_info[cfg["model"]]["checkpoint"])
@@ -703,17 +731,17 @@ def _main(args, info, tmp, models, batch_sizes, other_bs, repeats, n_images, off
                                    "repeats": 3 * repeats, "fwd_cost": True}, xla_devices=1)
         for b in bss:
             # As the library is meant to run on a CPU: one device per core, the batch split over them.
-            run(f"{m} jaxroute B={b} ({ncores} devices)",
-                {"kind": "jax", "model": m, "batch": b, "devices": ncores, "repeats": repeats},
-                xla_devices=ncores)
-        if m == primary:
+            run(f"{m} jaxroute B={b} ({ndev} devices)",
+                {"kind": "jax", "model": m, "batch": b, "devices": ndev, "repeats": repeats},
+                xla_devices=None if accel else ncores)
+        if m == primary and not accel:
             # The column-pairing formulation of narrow convs (jaxroute.utils.conv_grads) switched off.
             b1 = bss[0]
             run(f"{m} jaxroute B={b1} ({ncores} devices), no column pairing",
                 {"kind": "jax", "model": m, "batch": b1, "devices": ncores, "repeats": repeats,
                  "variant": "no column pairing"}, xla_devices=ncores,
                 env_extra={"JAXROUTE_CONV_GRADS": "canonical"})
-        if m == primary and ncores > 1:
+        if m == primary and ncores > 1 and not accel:
             b0 = ablation_batch
             run(f"{m} jaxroute B={b0}, 1 device", {"kind": "jax", "model": m, "batch": b0, "devices": 1,
                                                     "repeats": repeats, "variant": "1 device"}, xla_devices=1)
@@ -725,7 +753,7 @@ def _main(args, info, tmp, models, batch_sizes, other_bs, repeats, n_images, off
         run(f"{primary} jaxroute B={scaling_batch} on {nd} device(s)",
             {"kind": "jax", "model": primary, "batch": scaling_batch, "devices": nd, "repeats": repeats,
              "variant": "scaling"}, xla_devices=nd)
-    if hasattr(os, "sched_setaffinity"):
+    if hasattr(os, "sched_setaffinity") and not accel:
         # Weak scaling with the hardware: N devices pinned to N cores, 16 images per device.
         for nd in [d for d in devices if d <= ncores]:
             run(f"{primary} jaxroute B={16 * nd} on {nd} device(s) pinned to {nd} core(s)",
@@ -738,11 +766,11 @@ def _main(args, info, tmp, models, batch_sizes, other_bs, repeats, n_images, off
         # The job's input as the ImageFolder cache holds it (uint8 .npy), written here, outside the worker.
         save_stored_images(tmp / f"job-input-{n_job}.npy",
                            np.round(pool[np.arange(n_job) % len(pool)] * 255).astype(np.uint8))
-        job_rows.append(run(f"{primary} route job, {n_job} images ({ncores} devices, {job_batch}/device)",
+        job_rows.append(run(f"{primary} route job, {n_job} images ({ndev} devices, {job_batch}/device)",
                             {"kind": "job", "model": primary, "images": n_job, "batch": job_batch,
-                             "shard": job_batch * ncores * 4, "out": str(tmp / f"job-{n_job}"),
+                             "shard": job_batch * ndev * 4, "out": str(tmp / f"job-{n_job}"),
                              "input": str(tmp / f"job-input-{n_job}.npy")},
-                            xla_devices=ncores))
+                            xla_devices=None if accel else ncores))
     steps_diag = {"jax": run(f"{primary} per-step jax B={step_batch}",
                              {"kind": "steps", "impl": "jax", "model": primary, "batch": step_batch,
                               "repeats": max(repeats, 5)}, xla_devices=1)}

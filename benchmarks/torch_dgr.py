@@ -217,9 +217,9 @@ def dgr_official(model: GatedCifarResNet, x1: torch.Tensor, steps: int = 30, lr:
         full = model(x1)
         p = F.softmax(full, dim=-1)
         pred = int(full.argmax(-1))
-    gates = torch.ones(d, requires_grad=True)
+    gates = torch.ones(d, device=x1.device, requires_grad=True)
     opt = torch.optim.SGD([gates], lr=lr, momentum=momentum)
-    best, best_loss = torch.ones(d), float("inf")
+    best, best_loss = torch.ones(d, device=x1.device), float("inf")
     for _ in range(steps):
         logits = model(x1, _split(model, gates))
         loss = soft_ce(logits, p).sum() + gamma * gates.abs().sum()
@@ -242,12 +242,12 @@ def dgr_batched(model: GatedCifarResNet, x: torch.Tensor, steps: int = 30, lr: f
         full = model(x)
         p = F.softmax(full, dim=-1)
         pred = full.argmax(-1)
-    ones = torch.ones(b, d, dtype=x.dtype)
+    ones = torch.ones(b, d, dtype=x.dtype, device=x.device)
     gates = ones.clone().requires_grad_(True)
     opt = torch.optim.SGD([gates], lr=lr, momentum=momentum)
     best_g, best_logits = ones.clone(), full.clone()
-    best_loss = torch.full((b,), float("inf"), dtype=x.dtype)
-    found = torch.zeros(b, dtype=torch.bool)
+    best_loss = torch.full((b,), float("inf"), dtype=x.dtype, device=x.device)
+    found = torch.zeros(b, dtype=torch.bool, device=x.device)
 
     def consider(g, logits):
         nonlocal best_g, best_logits, best_loss, found

@@ -114,7 +114,14 @@ def main(argv=None) -> int:
         name = slug(PAPER) if method == "dgr" else f"{method}-{config.rule}-{config.select}"
         summaries[label] = route(name, method, config)
     full = summaries["DGR"]
+    import jax
+
+    dev = jax.devices()[0]
     lines = [
+        f"Computed on {dev.device_kind} ({dev.platform}), jax {jax.__version__}, float32 matmul precision: "
+        f"{jax.config.jax_default_matmul_precision or 'backend default'}. DGR paths sit on a knife edge (the "
+        "last iterates decide), so another device or precision moves the densities by about a point.",
+        "",
         f"ResNet-20 (pretrained), CIFAR-10 JPEG test set, first {len(ds.labels)} images "
         f"({counts.min()}-{counts.max()} per class); DGR T={dgr_config.steps}, lr {dgr_config.lr}, momentum "
         f"{dgr_config.momentum}, gamma {dgr_config.gamma}, clip [0, {dgr_config.clip_max:g}], post_act gates; "

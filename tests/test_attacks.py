@@ -226,6 +226,35 @@ def test_fgsm_and_bim_updates_exact_on_linear_model():
     assert float(res.linf.max()) <= 0.02 + 1e-6
 
 
+def test_bim_official_normalised_scale_equals_the_official_loop():
+    """normalization=(mean, std): the official DGR code's attack, written here in normalised space."""
+    f, w, b = toy_linear()
+    x = toy_images()
+    x[0, 0, 0] = 0.0  # one image spans a wide range, so the clamp to its normalised min/max acts
+    x[0, 1, 1] = 1.0
+    mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
+    target = np.asarray(jnp.argmin(f(x), -1))
+    cfg = attacks.BIMConfig(eps=0.05, steps=8, normalization=(tuple(mean), tuple(std)))
+    res = attacks.bim(f, x, target=target, config=cfg)
+
+    def f_norm(z):
+        return f(z * std + mean)
+
+    z = (x - mean) / std
+    lo = z.reshape(len(z), -1).min(1)[:, None, None, None]
+    hi = z.reshape(len(z), -1).max(1)[:, None, None, None]
+    for _ in range(8):  # inp -= eps * sign(grad); clamp(inp, inp_min, inp_max)
+        g = jax.grad(lambda v: jnp.sum(attacks.core.cross_entropy(f_norm(v), target)))(z)
+        z = np.clip(z - 0.05 * np.sign(np.asarray(g)), lo, hi)
+        z = np.clip(z * std + mean, 0.0, 1.0)  # jaxroute keeps valid images (documented deviation)
+        z = (z - mean) / std
+    np.testing.assert_allclose(res.adv, z * std + mean, atol=1e-6)
+    with pytest.raises(ValueError, match="alpha"):
+        attacks.BIMConfig(alpha=0.01, normalization=(tuple(mean), tuple(std)))
+    with pytest.raises(ValueError, match="std"):
+        attacks.BIMConfig(normalization=((0.5,), (0.0,)))
+
+
 def test_deepfool_and_cw_on_linear_model():
     """On a linear model the minimal L2 adversarial is known in closed form.
 

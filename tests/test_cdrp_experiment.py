@@ -131,6 +131,10 @@ def test_tiny_end_to_end_run_resumes_and_matches_jaxroute_detect(shared_dir, cif
     assert all(0.0 <= r["auc_mean"] <= 1.0 and len(r["aucs"]) == 2 for r in rows.values())
     md = (out / "cdrp.md").read_text()
     assert "| 4 | CDRP |" in md and "| 4 | penultimate activations |" in md
+    assert saved["routing"]["test_officialcarried"]["n"] == 30 and saved["routing"]["train_official"]["n"] == 40
+    assert saved["attacks"]["test_official"]["max_linf"] < saved["attacks"]["test_perm"]["max_linf"]
+    assert res["detection_official"] and res["detection_official_carried"]
+    assert "official release's attack scale" in md and "real twin's routing" in md
 
     shards = {p: p.stat().st_mtime_ns for p in (out / "cache").rglob("*.npz")}
     res2 = run(cfg, out, log=lambda m: None)

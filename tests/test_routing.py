@@ -15,13 +15,13 @@ import pytest
 from jaxroute.models import flatten_gates, unflatten_gates
 from jaxroute.routing import (
     ROUTERS, DGRConfig, PruneConfig, Route, aar_route, ablation_curve, ablation_mask, awr_route, dgr_loss,
-    dgr_route, route_outputs, router_config, routing_metrics, weight_l1_scores,
+    dgr_route, dgr_route_pair, route_outputs, router_config, routing_metrics, weight_l1_scores,
 )
 
 
 # ---------------------------------------------------------------- helpers
 
-def reference_dgr(model, x1, cfg: DGRConfig):
+def reference_dgr(model, x1, cfg: DGRConfig, state=None, out_state=None):
     """Algorithm 1 written out for ONE image, the plain way: a Python loop, a
     fresh optimizer, a full forward/backward at every step (no shortcuts).
 
@@ -40,7 +40,7 @@ def reference_dgr(model, x1, cfg: DGRConfig):
     vg = jax.jit(jax.value_and_grad(loss_ce))
     opt = optax.sgd(cfg.lr, momentum=cfg.momentum)
     g = jnp.ones(d)
-    state = opt.init(g)
+    state = opt.init(g) if state is None else state  # the official release reuses one optimizer per pair
     best, best_loss = None, np.inf
     first, last = (0, cfg.steps - 1) if cfg.iterates == "official" else (1, cfg.steps)
     for t in range(cfg.steps + 1):
@@ -52,6 +52,8 @@ def reference_dgr(model, x1, cfg: DGRConfig):
             break
         upd, state = opt.update(grad + cfg.gamma * jnp.sign(g), state, g)
         g = jnp.clip(optax.apply_updates(g, upd), cfg.clip_min, cfg.clip_max)
+    if out_state is not None:
+        out_state.append(state)
     if best is None:                                            # the fallback: Λ_0 and its loss
         return np.ones(d), float(-jnp.sum(p * jax.nn.log_softmax(full)) + cfg.gamma * d)
     return np.asarray(best), best_loss
@@ -120,6 +122,39 @@ def test_dgr_matches_plain_per_image_loop_float64_digits(digits_model, dx, cfg):
             ref, ref_loss = reference_dgr(m64, x64[i], cfg)
             np.testing.assert_allclose(np.asarray(r.cdrp[i]), ref, atol=1e-8)
             np.testing.assert_allclose(float(r.loss[i]), ref_loss, rtol=1e-10)
+
+
+def test_dgr_route_pair_carries_the_momentum_like_the_official_loop(digits_model, dx, tmp_path):
+    """dgr_route_pair = the plain loop routing x and then x' with ONE optimizer (momentum carried, gates
+    reset); the route job's ``momentum_from`` gives the same second routes."""
+    from jaxroute.data import Dataset
+    from jaxroute.extraction import load_shards, plan_batches
+    from jaxroute.routing import route_dataset
+
+    x, y = dx
+    cfg = DGRConfig(steps=6, lr=0.5, gamma=0.2)
+    x2 = np.clip(x[3:6] + 0.05, 0.0, 1.0)
+    with jax.enable_x64():
+        m64 = float64_model(digits_model)
+        a, b = np.asarray(x[:3], np.float64), np.asarray(x2, np.float64)
+        first, second = jax.jit(partial(dgr_route_pair, m64, config=cfg))(a, b)
+        fresh = jax.jit(partial(dgr_route, m64, config=cfg))(b)
+        for i in range(3):
+            st = []
+            ref1, _ = reference_dgr(m64, a[i], cfg, out_state=st)
+            ref2, ref2_loss = reference_dgr(m64, b[i], cfg, state=st[0])
+            np.testing.assert_allclose(np.asarray(first.cdrp[i]), ref1, atol=1e-8)
+            np.testing.assert_allclose(np.asarray(second.cdrp[i]), ref2, atol=1e-8)
+            np.testing.assert_allclose(float(second.loss[i]), ref2_loss, rtol=1e-10)
+        assert not np.allclose(np.asarray(second.cdrp), np.asarray(fresh.cdrp))  # the momentum matters
+    ds = Dataset(np.asarray(x2, np.float32), np.asarray(y[3:6], np.int32), tuple(map(str, range(10))), "adv")
+    route_dataset(digits_model, ds, tmp_path / "r", plan=plan_batches(3, 4, 4), config=cfg, progress=False,
+                  momentum_from=np.asarray(x[:3], np.float32))
+    _, want = jax.jit(partial(dgr_route_pair, digits_model, config=cfg))(jnp.asarray(x[:3]), jnp.asarray(x2))
+    np.testing.assert_allclose(load_shards(tmp_path / "r")["cdrp"], np.asarray(want.cdrp), atol=1e-5)
+    with pytest.raises(ValueError, match="momentum_from has 2 images"):
+        route_dataset(digits_model, ds, tmp_path / "s", plan=plan_batches(3, 4, 4), config=cfg, progress=False,
+                      momentum_from=np.asarray(x[:2], np.float32))
 
 
 def test_dgr_batch_invariance_digits(digits_model, dx):

@@ -11,6 +11,7 @@ the penultimate features (the input of the last linear layer).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -275,6 +276,76 @@ def resnet50(num_classes: int = 1000) -> ResNet:
 
 
 # --------------------------------------------------------------------------
+# CIFAR ResNet-20 for saliency libraries: one nn.ReLU module per use, gates
+# --------------------------------------------------------------------------
+class Gate(nn.Module):
+    """A gate point: multiplies its channels by that point's slice of the flat gates (or passes)."""
+
+    def __init__(self, lo: int, hi: int):
+        super().__init__()
+        self.lo, self.hi = lo, hi
+
+    def forward(self, x, gates):
+        return x if gates is None else x * gates[:, self.lo:self.hi, None, None]
+
+
+class GatedReluBlock(nn.Module):
+    def __init__(self, in_planes, planes, stride, gate_inner, gate_out):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu1 = nn.ReLU()
+        self.gate1 = gate_inner
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu2 = nn.ReLU()  # the residual ReLU, a module of its own
+        self.gate_out = gate_out
+        self.pad = planes // 4 if (stride != 1 or in_planes != planes) else None
+
+    def forward(self, x, gates):
+        out = self.gate1(self.relu1(self.bn1(self.conv1(x))), gates)
+        out = self.bn2(self.conv2(out))
+        sc = x if self.pad is None else F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+        return self.gate_out(self.relu2(out + sc), gates)
+
+
+class GatedReluResNet20(nn.Module):
+    """CIFAR ResNet-20 (option A) on [0, 1] NCHW *pixels* (it normalizes with the ImageNet mean/std
+    itself), one non-in-place ``nn.ReLU`` module per use -- residual ones included -- so that
+    module-hooking saliency libraries (Captum's Deconvolution, GuidedBackprop) reach every ReLU,
+    and a gate module after every ``post_act`` ReLU.  ``forward(x, gates)``: ``gates`` None or flat
+    per-sample gates (B, D) in the order of ``names``/``channels`` (jaxroute's ``model.spec``)."""
+
+    def __init__(self, names, channels):
+        super().__init__()
+        offsets = np.cumsum((0,) + tuple(channels)[:-1])
+        bounds = {n: (int(o), int(o + c)) for n, c, o in zip(names, channels, offsets)}
+        self.register_buffer("mean", torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1), persistent=False)
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU()
+        self.gate = Gate(*bounds["conv1"])
+        in_planes = 16
+        for s, planes in enumerate((16, 32, 64), start=1):
+            blocks = []
+            for b in range(3):
+                p = f"layer{s}.{b}"
+                blocks.append(GatedReluBlock(in_planes, planes, 2 if (s > 1 and b == 0) else 1,
+                                    Gate(*bounds[f"{p}.conv1"]), Gate(*bounds[p])))
+                in_planes = planes
+            setattr(self, f"layer{s}", nn.ModuleList(blocks))
+        self.linear = nn.Linear(64, 10)
+
+    def forward(self, x, gates=None):
+        h = self.gate(self.relu(self.bn1(self.conv1((x - self.mean) / self.std))), gates)
+        for layer in (self.layer1, self.layer2, self.layer3):
+            for blk in layer:
+                h = blk(h, gates)
+        return self.linear(h.mean(dim=(2, 3)))
+
+
+# --------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------
 
@@ -325,7 +396,7 @@ def randomize_(model: nn.Module, seed: int = 0, calib_shape=(8, 3, 32, 32)) -> n
         # "zero-init residual" training): a random net of full-scale branches is
         # chaotic and amplifies float32 rounding by ~20x over ResNet-50's depth.
         for blk in model.modules():
-            last = {CifarBasicBlock: "bn2", BasicBlock: "bn2", Bottleneck: "bn3"}.get(type(blk))
+            last = {CifarBasicBlock: "bn2", GatedReluBlock: "bn2", BasicBlock: "bn2", Bottleneck: "bn3"}.get(type(blk))
             if last is not None:
                 getattr(blk, last).weight.mul_(0.3)
         if bns:

@@ -95,17 +95,42 @@ class BIMConfig:
     radius ``eps`` around x, then onto [0, 1]::
 
         x_{t+1} = Π_[0,1](Π_{||·-x||∞<=eps}(x_t ± alpha · sign(g_t)))
+
+    ``normalization=(mean, std)`` (with ``alpha=None``): the official DGR
+    code's scale.  It steps ``eps`` on the *normalised* input x̃ = (x − μ)/σ
+    and clamps x̃ to the image's own normalised [min, max] (one min and one
+    max over all pixels and channels).  In pixel units that is a step of
+    ``eps · σ_c`` per channel (0.01 · 0.226 ≈ 0.00226 for the ImageNet σ)
+    and a per-channel clamp to [μ_c + σ_c·min x̃, μ_c + σ_c·max x̃].  That
+    range can reach slightly outside [0, 1] (the official code has no other
+    clip); here it is intersected with [0, 1] so that the adversarials stay
+    valid images (a deviation of at most one step's worth for the few pixels
+    concerned).
     """
 
     eps: float = 0.01
     steps: int = 10
     alpha: float | None = None
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     def __post_init__(self):
         check_positive(self.eps, "eps")
         check_int(self.steps, "steps")
         if self.alpha is not None:
             check_positive(self.alpha, "alpha")
+        if self.normalization is not None:
+            try:
+                mean, std = (tuple(float(v) for v in part) for part in self.normalization)
+            except (TypeError, ValueError):
+                raise ValueError(f"normalization must be (mean, std), two tuples of per-channel floats, "
+                                 f"got {self.normalization!r}") from None
+            if len(mean) != len(std) or not mean:
+                raise ValueError(f"normalization: mean and std need one value per channel each, got "
+                                 f"{len(mean)} and {len(std)}")
+            check_positive(std, "normalization std")
+            if self.alpha is not None:
+                raise ValueError("normalization (the official DGR scale) has no eps-ball: leave alpha unset")
+            object.__setattr__(self, "normalization", (mean, std))
 
 
 def bim(logits_fn: LogitsFn, x: jax.Array, *, label: jax.Array | None = None, target: jax.Array | None = None,
@@ -120,13 +145,24 @@ def bim(logits_fn: LogitsFn, x: jax.Array, *, label: jax.Array | None = None, ta
     y, sign, label = _labels(logits_fn, x, label, target)
     project = cfg.alpha is not None
     step = cfg.alpha if project else cfg.eps
+    lo, hi = 0.0, 1.0
+    if cfg.normalization is not None:
+        mean, std = (jnp.asarray(v, x.dtype) for v in cfg.normalization)
+        if x.shape[-1] != mean.shape[0]:
+            raise ValueError(f"normalization has {mean.shape[0]} channels, the images {x.shape[-1]}")
+        xn_ = (x - mean) / std
+        axes = tuple(range(1, x.ndim))
+        zmin = jnp.min(xn_, axis=axes, keepdims=True)
+        zmax = jnp.max(xn_, axis=axes, keepdims=True)
+        step = cfg.eps * std
+        lo, hi = jnp.maximum(mean + std * zmin, 0.0), jnp.minimum(mean + std * zmax, 1.0)
 
     def body(_, xt):
         g, _ = ce_grad(logits_fn, xt, y)
         xn = xt + sign * step * jnp.sign(g)
         if project:
             xn = jnp.clip(xn, x - cfg.eps, x + cfg.eps)
-        return jnp.clip(xn, 0.0, 1.0)
+        return jnp.clip(xn, lo, hi)
 
     adv = jax.lax.fori_loop(0, cfg.steps, body, x)
     return finish(logits_fn, x, adv, label, target)

@@ -37,6 +37,22 @@ def add_data_args(p: argparse.ArgumentParser, split: str = "test") -> None:
     p.add_argument("--limit", type=int, default=None, help="use the first N samples (class-interleaved order)")
     p.add_argument("--data-dir", default=None, help="cache / tfds data dir")
     p.add_argument("--download", action="store_true", help="allow tfds to download (off by default)")
+    add_preprocess_args(p)
+
+
+def add_preprocess_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resize", type=int, default=None,
+                   help="image folders and tfds: shorter side resized to this many pixels (bilinear, antialiased) "
+                        "before the centre crop (default: the model card's: 256 for ImageNet models, the input "
+                        "size for CIFAR ones)")
+    p.add_argument("--crop", type=int, default=None,
+                   help="centre crop size (default: the model's input size)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave out image files that do not decode (listed in the output manifest) instead of "
+                        "stopping at the first one")
+    p.add_argument("--decode-workers", type=int, default=None,
+                   help="processes decoding images for large or variable-size folders (default: cores - 1, "
+                        "at most 8; 0 decodes on threads of this process)")
 
 
 def model_from_args(args, need_weights: bool = False):
@@ -53,11 +69,22 @@ def model_from_args(args, need_weights: bool = False):
     return load_model(args.model, args.weights, key=jax.random.key(getattr(args, "seed", 0)), **overrides)
 
 
-def dataset_from_args(args, split=None, stream: bool = False):
+def dataset_from_args(args, split=None, stream: bool = False, preprocess=None):
     from jaxroute.data import load_dataset
 
+    workers = getattr(args, "decode_workers", None)
+    if workers is not None and workers < 0:
+        raise ValueError(f"--decode-workers must be >= 0, got {workers}")
     return load_dataset(args.data, split or args.split, limit=args.limit,
-                        cache_dir=args.data_dir, download=args.download, stream=stream)
+                        cache_dir=args.data_dir, download=args.download, stream=stream, preprocess=preprocess,
+                        skip_bad=getattr(args, "skip_bad", False), workers=workers)
+
+
+def preprocess_from_args(model_name: str, input_shape, args):
+    """The model card's preprocessing, with the user's --resize/--crop."""
+    from jaxroute.data.preprocess import preprocess_for
+
+    return preprocess_for(model_name, input_shape, getattr(args, "resize", None), getattr(args, "crop", None))
 
 
 def check_new_output(path, overwrite: bool) -> None:
@@ -76,6 +103,11 @@ def data_for(model, args, split=None, stream: bool = False):
     """The data set the arguments name, checked against the model."""
     from jaxroute.models.gated import check_dataset_fits
 
-    ds = dataset_from_args(args, split, stream=stream)
+    pre = preprocess_from_args(model.name, model.input_shape, args)
+    ds = dataset_from_args(args, split, stream=stream, preprocess=pre)
+    explicit = getattr(args, "resize", None) is not None or getattr(args, "crop", None) is not None
+    if explicit and (ds.info or {}).get("preprocess") != pre.to_json():
+        raise ValueError(f"--resize/--crop apply to image folders and tfds data; {args.data!r} holds images "
+                         "that are already preprocessed or arrays")
     check_dataset_fits(model, ds)
     return ds

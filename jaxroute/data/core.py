@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterator, NamedTuple, Sequence
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -21,9 +21,11 @@ from .stored import StoredImages, read_rows, unit_float
 class Dataset:
     """Images (N, H, W, C) float32 in [0, 1], labels (N,) int32, class names.
 
-    ``images`` is a numpy array, or a ``StoredImages`` view whose pixels are
-    read from disk batch by batch (``load_dataset(..., stream=True)``); code
-    that needs the whole array calls :meth:`materialize`.
+    ``images`` is a numpy array, or a lazy view whose pixels are read batch by
+    batch (``load_dataset(..., stream=True)``): a ``StoredImages`` (decoded
+    cache on disk) or a ``StreamImages`` (decoded per record by grain,
+    :mod:`jaxroute.data.pipeline`); code that needs the whole array calls
+    :meth:`materialize`.
 
     ``__post_init__`` checks only structure (shapes, dtypes), which is O(1):
     loaders build datasets of tens of thousands of images and slicing code
@@ -37,12 +39,15 @@ class Dataset:
     labels: np.ndarray
     class_names: tuple[str, ...]
     name: str = "arrays"
+    # How the pixels were made, for outputs to record (JSON-able; e.g. the preprocessing and the
+    # files left out); None for arrays given as they are.
+    info: Mapping[str, Any] | None = None
 
     def __post_init__(self):
         if not isinstance(self.class_names, tuple):
             object.__setattr__(self, "class_names", tuple(self.class_names))
-        if isinstance(self.images, StoredImages):
-            pass  # checked when opened: uint8 (N, H, W, C) on disk, read as float32 in [0, 1]
+        if _is_lazy(self.images):
+            pass  # checked when opened: uint8 (N, H, W, C) records, read as float32 in [0, 1]
         elif not isinstance(self.images, np.ndarray) or self.images.ndim != 4:
             raise ValueError(f"Dataset {self.name!r}: images must be a 4-D (N, H, W, C) numpy array, got "
                              f"{type(self.images).__name__} of shape {getattr(self.images, 'shape', None)}")
@@ -70,19 +75,25 @@ class Dataset:
 
     @property
     def streams(self) -> bool:
-        """True when the images are read from disk per batch (a ``StoredImages`` view)."""
-        return isinstance(self.images, StoredImages)
+        """True when the images are read per batch (a ``StoredImages`` or ``StreamImages`` view)."""
+        return _is_lazy(self.images)
 
     def materialize(self) -> "Dataset":
         """This data set with its images in memory (a no-op unless it streams)."""
         if not self.streams:
             return self
-        return Dataset(self.images.read(), self.labels, self.class_names, self.name)
+        return Dataset(self.images.read(), self.labels, self.class_names, self.name, self.info)
 
     def take(self, n: int) -> "Dataset":
         """The first ``n`` samples: the canonical order makes this a fair subset."""
         n = check_limit(n, "n")
-        return Dataset(self.images[:n], self.labels[:n], self.class_names, self.name)
+        return Dataset(self.images[:n], self.labels[:n], self.class_names, self.name, self.info)
+
+
+def _is_lazy(images) -> bool:
+    from .pipeline import StreamImages
+
+    return isinstance(images, (StoredImages, StreamImages))
 
 
 def check_limit(limit, what: str = "limit") -> int:
@@ -181,9 +192,13 @@ def batches(data, batch_size: int, *, drop_remainder: bool = False, pad: bool = 
     total = num_batches(len(images), batch_size, drop_remainder)
     if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
         raise ValueError(f"start must be a batch index >= 0, got {start!r}")
+    # a grain-decoded view streams all batches through one pipeline (decode workers run ahead)
+    stream = (iter(images.iter_ranges([(int(start) * batch_size, min(total * batch_size, len(images)))], batch_size))
+              if hasattr(images, "iter_ranges") and start < total else None)
     for b in range(int(start), total):
         lo, hi = b * batch_size, min((b + 1) * batch_size, len(images))
-        x = read_rows(images[lo:hi])  # a streaming data set reads just this batch from disk
+        # a streaming data set reads just this batch (from disk, or decoded by the pipeline)
+        x = read_rows(images[lo:hi]) if stream is None else unit_float(next(stream))
         y = None if labels is None else labels[lo:hi]
         n = hi - lo
         if pad and n < batch_size:

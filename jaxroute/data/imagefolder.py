@@ -90,8 +90,10 @@ def list_split(root, split: str) -> tuple[tuple[str, ...], list[FileEntry]]:
     return tuple(p.name for p in class_dirs), order
 
 
-def cache_key(root: Path, split: str, entries: list[FileEntry]) -> str:
+def cache_key(root: Path, split: str, entries: list[FileEntry], preprocess=None) -> str:
     h = hashlib.sha256(f"imagefolder/{CACHE_FORMAT}\n{Path(root).absolute()}\n{split}\n".encode())
+    if preprocess is not None:  # the decoded pixels depend on it; absent, the key is that of the raw pixels
+        h.update(f"preprocess {sorted(preprocess.to_json().items())}\n".encode())
     for f in entries:
         h.update(f"{f.path.parent.name}/{f.path.name}\t{f.size}\t{f.mtime_ns}\n".encode())
     return h.hexdigest()
@@ -105,8 +107,8 @@ def cache_path(cache_dir: Path, root: Path, split: str, key: str) -> Path:
 _FORMAT_HINT = {".jpg": ("JPEG",), ".jpeg": ("JPEG",), ".png": ("PNG",)}
 
 
-def _decode_one(path: Path) -> np.ndarray:
-    """One image as uint8 (H, W, 3).
+def _decode_one(path: Path, preprocess=None) -> np.ndarray:
+    """One image as uint8 (H, W, 3), or as ``preprocess`` makes it (:mod:`jaxroute.data.preprocess`).
 
     Per-image Python overhead, not pixel decoding, dominates for small images;
     the format hint (skip Pillow's format sniffing) and ``tobytes`` (instead of
@@ -119,15 +121,17 @@ def _decode_one(path: Path) -> np.ndarray:
     except UnidentifiedImageError:
         im = Image.open(path)  # misnamed file: let Pillow sniff the format
     with im:
+        if preprocess is not None:
+            return preprocess(im)
         rgb = im if im.mode == "RGB" else im.convert("RGB")
         return np.frombuffer(rgb.tobytes(), np.uint8).reshape(rgb.height, rgb.width, 3)
 
 
-def _decode_into(out: np.ndarray, entries: list[FileEntry], lo: int, hi: int, ref: Path) -> int:
+def _decode_into(out: np.ndarray, entries: list[FileEntry], lo: int, hi: int, ref: Path, preprocess=None) -> int:
     for i in range(lo, hi):
         path = entries[i].path
         try:
-            img = _decode_one(path)
+            img = _decode_one(path, preprocess)
         except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
             raise ValueError(f"cannot decode image {path}: {e}") from e
         if img.shape != out.shape[1:]:
@@ -138,7 +142,8 @@ def _decode_into(out: np.ndarray, entries: list[FileEntry], lo: int, hi: int, re
     return hi - lo
 
 
-def decode_files(entries: list[FileEntry], desc: str = "decoding", max_workers: int | None = None) -> np.ndarray:
+def decode_files(entries: list[FileEntry], desc: str = "decoding", max_workers: int | None = None,
+                 preprocess=None) -> np.ndarray:
     """Decode to one uint8 (N, H, W, 3) array with a thread pool.
 
     Threads, not processes: Pillow releases the GIL while decoding and writing
@@ -146,14 +151,18 @@ def decode_files(entries: list[FileEntry], desc: str = "decoding", max_workers: 
     """
     from tqdm import tqdm
 
-    first = _decode_one(entries[0].path)
+    try:
+        first = _decode_one(entries[0].path, preprocess)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot decode image {entries[0].path}: {e}") from e
     out = np.empty((len(entries),) + first.shape, np.uint8)
     out[0] = first
     workers = max_workers or min(16, (os.cpu_count() or 1) + 2)
     with tqdm(total=len(entries), desc=desc, unit="img", file=sys.stderr, disable=None, leave=False) as bar, \
             cf.ThreadPoolExecutor(workers) as pool:
         bar.update(1)
-        futs = [pool.submit(_decode_into, out, entries, lo, min(lo + _CHUNK, len(entries)), entries[0].path)
+        futs = [pool.submit(_decode_into, out, entries, lo, min(lo + _CHUNK, len(entries)), entries[0].path,
+                            preprocess)
                 for lo in range(1, len(entries), _CHUNK)]
         try:
             for fut in cf.as_completed(futs):
@@ -210,28 +219,43 @@ def _write_cache(path: Path, images: np.ndarray, key: str, entries: list[FileEnt
         return None
 
 
-def _load(root, split, limit, cache_dir, use_cache):
+def _lookup(root: Path, split: str, entries, limit, cache_dir: Path, class_names, preprocess):
+    """(pixels view, entries, key, path) of a cache entry for these files: the whole split's
+    (sliced to ``limit``) if present, else the ``limit`` prefix's; pixels None when absent."""
+    full_key = cache_key(root, split, entries, preprocess)
+    full_path = cache_path(cache_dir, root, split, full_key)
+    pixels = _read_cache(full_path, full_key, entries, class_names)
+    if pixels is not None:
+        if limit is not None:
+            pixels, entries = pixels[:limit], entries[:limit]
+        return pixels, entries, full_key, full_path
+    if limit is not None and limit < len(entries):
+        entries = entries[:limit]
+        key = cache_key(root, split, entries, preprocess)
+        path = cache_path(cache_dir, root, split, key)
+        return _read_cache(path, key, entries, class_names), entries, key, path
+    return None, entries, full_key, full_path
+
+
+def _load(root, split, limit, cache_dir, use_cache, preprocess=None):
     """(pixels, entries, class_names): pixels a StoredImages view of the cache, or a uint8 array
     when there is no (writable) cache."""
     root = Path(root).expanduser().absolute()
     class_names, entries = list_split(root, split)
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    full_key = cache_key(root, split, entries)
-    full_path = cache_path(cache_dir, root, split, full_key)
-    pixels = _read_cache(full_path, full_key, entries, class_names) if use_cache else None
-    if pixels is not None:
-        if limit is not None:
-            pixels, entries = pixels[:limit], entries[:limit]
-        return pixels, entries, class_names
-    if limit is not None and limit < len(entries):
-        entries = entries[:limit]
-        key = cache_key(root, split, entries)
-        path = cache_path(cache_dir, root, split, key)
+    if use_cache and preprocess is not None and preprocess.channels == 3 and preprocess.resize == preprocess.crop:
+        # Images already at the crop size pass this transform unchanged: a cache of the raw pixels
+        # of that size serves (folders cached before preprocessing existed are not decoded again).
+        raw, raw_entries, _, _ = _lookup(root, split, entries, limit, cache_dir, class_names, None)
+        if raw is not None and raw.shape[1:] == preprocess.output_shape:
+            return raw, raw_entries, class_names
+    if use_cache:
+        pixels, entries, key, path = _lookup(root, split, entries, limit, cache_dir, class_names, preprocess)
     else:
-        key, path = full_key, full_path
-    pixels = _read_cache(path, key, entries, class_names) if use_cache and path != full_path else None
+        entries = entries if limit is None else entries[:limit]
+        pixels, key, path = None, None, None
     if pixels is None:
-        decoded = decode_files(entries, desc=f"decoding {root.name}/{split}")
+        decoded = decode_files(entries, desc=f"decoding {root.name}/{split}", preprocess=preprocess)
         pixels = (_write_cache(path, decoded, key, entries, class_names) if use_cache else None)
         if pixels is None:
             pixels = decoded
@@ -253,12 +277,13 @@ def load_imagefolder_uint8(root, split: str = "test", limit: int | None = None, 
 
 
 def load_imagefolder(root, split: str = "test", limit: int | None = None, cache_dir=None,
-                     use_cache: bool = True, stream: bool = False) -> Dataset:
+                     use_cache: bool = True, stream: bool = False, preprocess=None) -> Dataset:
     """One split as a ``Dataset``; ``stream=True`` leaves the pixels in the cache file and reads
     them batch by batch (:class:`~jaxroute.data.stored.StoredImages`), so memory does not grow
     with the number of images.  Without a writable cache a streaming load warns and holds the
-    images in memory."""
-    pixels, entries, class_names = _load(root, split, limit, cache_dir, use_cache)
+    images in memory.  ``preprocess`` (a :class:`~jaxroute.data.preprocess.Preprocess`) is applied
+    while decoding, so images of any sizes give one size; it is part of the cache key."""
+    pixels, entries, class_names = _load(root, split, limit, cache_dir, use_cache, preprocess)
     labels = np.fromiter((e.label for e in entries), np.int32, len(entries))
     if isinstance(pixels, StoredImages):
         images = pixels if stream else pixels.read()
@@ -267,4 +292,36 @@ def load_imagefolder(root, split: str = "test", limit: int | None = None, cache_
             warnings.warn(f"stream=True needs the ImageFolder cache (use_cache=False or an unwritable cache "
                           f"dir); holding the {len(pixels)} images of {root} in memory", RuntimeWarning, 2)
         images = unit_float(pixels)
-    return Dataset(images, labels, class_names, f"{Path(root).name}:{split}")
+    info = None if preprocess is None else {"source": "imagefolder", "pipeline": "decoded cache",
+                                            "preprocess": preprocess.to_json(), "skipped": []}
+    return Dataset(images, labels, class_names, f"{Path(root).name}:{split}", info)
+
+
+def stream_imagefolder(root, split: str, preprocess, limit: int | None = None, *, skip_bad: bool = False,
+                       workers: int | None = None) -> Dataset:
+    """One split decoded per file by a grain pipeline (:mod:`jaxroute.data.pipeline`): images of any
+    sizes and modes (RGB, grayscale, palette; JPEG or PNG) go through ``preprocess`` in decode workers.
+
+    A file that does not decode stops the stream with one line naming it.  ``skip_bad=True`` first
+    decodes every file once (on the same workers, keeping nothing) and leaves the bad ones out of the
+    split; they are listed in ``Dataset.info["skipped"]`` (which the extraction manifest records).
+    ``limit`` takes the first ``limit`` files before bad ones are left out.
+    """
+    from .pipeline import DecodeFile, StreamImages, find_bad_records
+
+    root = Path(root).expanduser().absolute()
+    class_names, entries = list_split(root, split)
+    if limit is not None:
+        entries = entries[:limit]
+    transform = DecodeFile(preprocess)
+    skipped = []
+    if skip_bad:
+        bad = dict(find_bad_records([str(e.path) for e in entries], transform, workers=workers))
+        skipped = [{"file": os.path.relpath(entries[i].path, root), "error": msg} for i, msg in sorted(bad.items())]
+        entries = [e for i, e in enumerate(entries) if i not in bad]
+        if not entries:
+            raise ValueError(f"no image of {root / split} decodes ({len(bad)} bad files)")
+    images = StreamImages([str(e.path) for e in entries], transform, preprocess.output_shape, workers=workers)
+    labels = np.fromiter((e.label for e in entries), np.int32, len(entries))
+    info = {"source": "imagefolder", "pipeline": "grain", "preprocess": preprocess.to_json(), "skipped": skipped}
+    return Dataset(images, labels, class_names, f"{root.name}:{split}", info)

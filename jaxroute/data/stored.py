@@ -126,5 +126,6 @@ class StoredImages:
 
 
 def read_rows(images) -> np.ndarray:
-    """``images`` as an in-memory float32 array: a ``StoredImages`` view is read, an array passed through."""
-    return images.read() if isinstance(images, StoredImages) else images
+    """``images`` as an in-memory float32 array: a lazy view (``StoredImages``, ``StreamImages``) is read,
+    an array passed through."""
+    return images if isinstance(images, np.ndarray) or not hasattr(images, "read") else images.read()

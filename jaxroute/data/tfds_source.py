@@ -57,6 +57,12 @@ def _pick_keys(info) -> tuple[str, str]:
 def load_tfds(name: str, split: str = "test", limit: int | None = None, data_dir=None,
               download: bool = False) -> Dataset:
     """Load ``name`` (tfds syntax: ``mnist``, ``cifar10:3.0.2``, ``ds/config:1.0.0``) as a Dataset."""
+    source, info = _open_source(name, split, data_dir, download)
+    return _to_dataset(source, info, name, split, limit)
+
+
+def _open_source(name: str, split: str, data_dir, download: bool, decoders=None):
+    """(tfds ``data_source``, dataset info) with one-line errors for what is not prepared."""
     import tensorflow_datasets as tfds
 
     data_dir = resolve_data_dir(data_dir)
@@ -77,7 +83,7 @@ def load_tfds(name: str, split: str = "test", limit: int | None = None, data_dir
                          f"{sorted(builder.info.splits)}")
     try:
         source = tfds.data_source(name, split=split, data_dir=data_dir, download=download,
-                                  builder_kwargs=builder_kwargs)
+                                  builder_kwargs=builder_kwargs, decoders=decoders)
     except ModuleNotFoundError as e:  # only reachable when download=True and the data must be built
         if "tensorflow" in str(e):
             why = ("TensorFlow (its builder yields numpy images, which tfds encodes with tf.image); jaxroute "
@@ -90,7 +96,34 @@ def load_tfds(name: str, split: str = "test", limit: int | None = None, data_dir
         raise ValueError(f"tfds dataset {name!r} in {where} is not readable as array_record ({e}). "
                          f"{_how_to_prepare(name, where)}") from e
     info = builder.info if builder.is_prepared() else tfds.builder(name, data_dir=data_dir, **builder_kwargs).info
-    return _to_dataset(source, info, name, split, limit)
+    return source, info
+
+
+def stream_tfds(name: str, split: str, preprocess, limit: int | None = None, data_dir=None,
+                download: bool = False, workers: int | None = None) -> Dataset:
+    """A tfds split decoded per record by grain (:mod:`jaxroute.data.pipeline`), images of any size
+    through ``preprocess``.  The image feature is read still encoded (``SkipDecoding``) so that the
+    labels can be read up front without decoding, and the decode workers decode each image once."""
+    import tensorflow_datasets as tfds
+
+    from .pipeline import DecodeBytes, StreamImages
+
+    _, info = _open_source(name, split, data_dir, download)
+    img_key, lbl_key = _pick_keys(info)
+    skip = isinstance(info.features[img_key], tfds.features.Image)
+    source, _ = _open_source(name, split, data_dir, download,
+                             decoders={img_key: tfds.decode.SkipDecoding()} if skip else None)
+    n = len(source) if limit is None else min(limit, len(source))
+    if n == 0:
+        raise ValueError(f"tfds dataset {name!r} split {split!r} is empty")
+    labels = np.fromiter((int(source[i][lbl_key]) for i in range(n)), np.int32, n)
+    label_feat = info.features[lbl_key]
+    class_names = (tuple(label_feat.names) if isinstance(label_feat, tfds.features.ClassLabel)
+                   else tuple(str(i) for i in range(int(labels.max()) + 1)))
+    images = StreamImages(source, DecodeBytes(img_key, preprocess, f"tfds:{name}/{split}"),
+                          preprocess.output_shape, workers=workers)[:n]
+    info_d = {"source": "tfds", "pipeline": "grain", "preprocess": preprocess.to_json(), "skipped": []}
+    return Dataset(images, labels, class_names, f"tfds:{name}:{split}", info_d)
 
 
 def _to_dataset(source, info, name: str, split: str, limit: int | None) -> Dataset:

@@ -44,8 +44,9 @@ from typing import Any, Callable, Mapping, NamedTuple
 import jax
 import numpy as np
 
-from jaxroute.data import Dataset, batches
-from jaxroute.data.stored import read_rows
+from jaxroute.data import Batch, Dataset, batches
+from jaxroute.data.core import _pad_rows
+from jaxroute.data.stored import read_rows, unit_float
 from jaxroute.extraction.plan import BatchPlan
 from jaxroute.utils import conv_grads
 from jaxroute.utils.devices import batch_sharding, shard_batch
@@ -64,6 +65,10 @@ class ExtractionResult(NamedTuple):
     computed: int              # samples computed by this call (0 when every shard existed)
     seconds: float
     samples_per_s: float | None  # steady rate of this call, after the first (compiling) batch
+    # samples per second of waiting for input batches / of computing (dispatch + fetch), after the
+    # first batch: the lower one limits the job (input-bound when it is the input rate)
+    input_per_s: float | None = None
+    compute_per_s: float | None = None
 
 
 def shard_path(out: Path, i: int) -> Path:
@@ -110,20 +115,56 @@ def _crc_rows(x: np.ndarray, crc: int = 0) -> int:
 
 def _check_inputs_unchanged(out: Path, dataset: Dataset, done: list[int], plan: BatchPlan) -> None:
     """Refuse a resume whose input images differ from those the finished shards were computed from."""
+    checked = []
     for i in done:
         with np.load(shard_path(out, i)) as z:
             stored = int(z["input_crc32"]) if "input_crc32" in z.files else None
-        if stored is None:
-            continue
-        lo = i * plan.shard_size
-        hi = min(lo + plan.shard_size, len(dataset.images))
+        if stored is not None:
+            checked.append((i, stored))
+    ranges = [(i * plan.shard_size, min((i + 1) * plan.shard_size, len(dataset.images))) for i, _ in checked]
+    # a grain-decoded data set checks all finished shards through one pipeline
+    stream = (dataset.images.iter_ranges(ranges, plan.global_batch)
+              if hasattr(dataset.images, "iter_ranges") and ranges else None)
+    for (i, stored), (lo, hi) in zip(checked, ranges):
         crc = 0
         for a in range(lo, hi, plan.global_batch):
-            crc = _crc_rows(read_rows(dataset.images[a:min(a + plan.global_batch, hi)]), crc)
+            rows = (read_rows(dataset.images[a:min(a + plan.global_batch, hi)]) if stream is None
+                    else unit_float(next(stream)))
+            crc = _crc_rows(rows, crc)
         if crc != stored:
             raise ValueError(f"the input images changed since {shard_path(out, i).name} was written (CRC-32 "
                              f"{crc:#010x}, shard records {stored:#010x}); refusing to mix outputs of different "
                              "data: use another --out, or delete it to start over")
+
+
+def _shard_batches(dataset: Dataset, labels: np.ndarray, todo: list[int], plan: BatchPlan, n: int):
+    """``(shard, lo, hi, iterator of Batch)`` for each shard to compute, in order.
+
+    A grain-decoded data set (``images.iter_ranges``) streams the rows of all of
+    this process's remaining shards through ONE pipeline, so its decode workers
+    start once and run ahead across shard boundaries; other data sets are read
+    per shard.  Either way each shard's batches are ``plan.global_batch`` rows,
+    its last one padded.
+    """
+    ranges = [(i * plan.shard_size, min((i + 1) * plan.shard_size, n)) for i in todo]
+    stream = (dataset.images.iter_ranges(ranges, plan.global_batch)
+              if hasattr(dataset.images, "iter_ranges") and ranges else None)
+    for i, (lo, hi) in zip(todo, ranges):
+        if stream is None:
+            part = Dataset(dataset.images[lo:hi], labels[lo:hi], dataset.class_names, dataset.name)
+            yield i, lo, hi, batches(part, plan.global_batch)
+        else:
+            yield i, lo, hi, _padded(stream, labels, lo, hi, plan.global_batch)
+
+
+def _padded(stream, labels: np.ndarray, lo: int, hi: int, size: int):
+    for a in range(lo, hi, size):
+        x = unit_float(next(stream))
+        y = labels[a:a + len(x)]
+        nv = len(x)
+        if nv < size:
+            x, y = _pad_rows(x, size), _pad_rows(y, size)
+        yield Batch(x, y, nv)
 
 
 def load_shards(out: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -185,6 +226,8 @@ def run_extraction(fn: SampleFn, dataset: Dataset, out: str | os.PathLike, *, jo
         "class_names": list(dataset.class_names),
         "extra": json.loads(json.dumps(dict(extra or {}))),
     }
+    if dataset.info is not None:  # how the pixels were made (preprocessing, files left out): part of the output
+        manifest["extra"]["input"] = json.loads(json.dumps(dict(dataset.info)))
     _check_or_write_manifest(out, manifest, write=(pi == 0))
 
     sharding = batch_sharding(devices)
@@ -197,16 +240,19 @@ def run_extraction(fn: SampleFn, dataset: Dataset, out: str | os.PathLike, *, jo
             f"{len(mine)} shards done) on {len(devices)} local device(s), process {pi} of {pc}")
     bar = tqdm(total=n_todo, unit="img", disable=not progress, desc=desc)
     t_start, t_first, n_done, n_first = time.perf_counter(), None, 0, 0
-    for i in todo:
-        lo, hi = i * plan.shard_size, min((i + 1) * plan.shard_size, n)
+    t_input = t_compute = 0.0  # after the first batch: seconds waiting for input / computing
+    for i, lo, hi, shard_batches in _shard_batches(dataset, labels, todo, plan, n):
         index = np.arange(lo, hi, dtype=np.int64)
-        part = Dataset(dataset.images[lo:hi], labels[lo:hi], dataset.class_names, dataset.name)
         results: dict[str, list] = {}
         crc = 0
         pending = None  # dispatch batch k+1 before fetching batch k: keeps the devices busy
-        for k, bt in enumerate(itertools.chain(batches(part, plan.global_batch), [None])):
+        source = itertools.chain(shard_batches, [None])
+        for k in itertools.count():
+            t0 = time.perf_counter()
+            bt = next(source)  # batches are read lazily: one (plus the pipeline's prefetch) in memory
+            t1 = time.perf_counter()
             nxt = None
-            if bt is not None:  # batches are read lazily: one in memory at a time
+            if bt is not None:
                 crc = _crc_rows(bt.images[:bt.n_valid], crc)
                 idx = index[k * plan.global_batch:(k + 1) * plan.global_batch]
                 idx = np.concatenate([idx, np.repeat(idx[-1:], plan.global_batch - len(idx))])
@@ -220,7 +266,16 @@ def run_extraction(fn: SampleFn, dataset: Dataset, out: str | os.PathLike, *, jo
                 n_done += nv
                 if t_first is None:  # the first batch includes compilation
                     t_first, n_first = time.perf_counter(), n_done
+                else:
+                    t_input += t1 - t0
+                    t_compute += time.perf_counter() - t1
+                    if t_input > 0 and t_compute > 0:
+                        done = n_done - n_first
+                        bar.set_postfix_str(f"input {done / t_input:.0f} img/s, compute {done / t_compute:.0f} img/s",
+                                            refresh=False)
             pending = nxt
+            if bt is None:
+                break
         arrays = {name: np.concatenate(v) for name, v in results.items()}
         for reserved in ("index", "label", "input_crc32"):
             if reserved in arrays:
@@ -236,4 +291,10 @@ def run_extraction(fn: SampleFn, dataset: Dataset, out: str | os.PathLike, *, jo
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("jaxroute-extraction-done")
-    return ExtractionResult(out, manifest, n_done, t_end - t_start, steady)
+    steady_n = n_done - n_first
+    input_rate = steady_n / t_input if t_input > 0 else None
+    compute_rate = steady_n / t_compute if t_compute > 0 else None
+    if log is not None and input_rate and compute_rate:
+        limit = "input" if input_rate < compute_rate else "compute"
+        log(f"{desc}: input {input_rate:.1f} images/s, compute {compute_rate:.1f} images/s ({limit}-bound)")
+    return ExtractionResult(out, manifest, n_done, t_end - t_start, steady, input_rate, compute_rate)

@@ -22,6 +22,7 @@ import flax.linen as nn
 from jaxroute.models.gates import GateSpec, apply_gate, check_gates, gate_shape_problem
 
 GATE_PLACEMENTS = ("post_act", "conv")   # every model has these
+RELU_RULES = ("plain", "deconvnet", "guided")  # backward rules of every ReLU (see relu_with_rule)
 BLOCK_PLACEMENT = "block"                  # residual networks also gate only their block outputs
 DECOUPLE_PLACEMENT = "decouple"            # trained per-layer controllers (jaxroute.decoupling)
 # which sites of the forward pass each placement gates (see GatePoints.site)
@@ -42,6 +43,7 @@ class GatedModule(nn.Module):
     gate_placement: str = "post_act"
     mean: Sequence[float] = IMAGENET_MEAN
     std: Sequence[float] = IMAGENET_STD
+    relu_rule: str = "plain"  # the backward rule of every ReLU: one of RELU_RULES
 
     placements: ClassVar[tuple[str, ...]] = GATE_PLACEMENTS  # the placements this architecture offers
 
@@ -52,17 +54,22 @@ class GatePoints:
     ``gates`` is None, a gate tree (checked as a whole by
     :func:`~jaxroute.models.gates.check_gates` when the pass ends, so one error
     lists every problem) or a function ``(point_name, activation) -> gate``
-    (each returned gate's shape is checked as it is applied).  Shapes are
+    (each returned gate's shape is checked as it is applied).  A gate
+    function may also return a pair ``(gate, shift)``: ``shift``, shaped like
+    the activation, is added after the gate, so that gradients with respect
+    to an intermediate activation (Grad-CAM) are gradients with respect to
+    ``shift`` at zero.  Shapes are
     static, so the checks run once at trace time and cost nothing inside ``jit``.
     """
 
-    def __init__(self, gates, batch: int, placement: str = "post_act"):
+    def __init__(self, gates, batch: int, placement: str = "post_act", relu_rule: str = "plain"):
         if gates is not None and not isinstance(gates, Mapping) and not callable(gates):
             raise TypeError("gates must be a dict {gate_point: array}, a function (point_name, activation) "
                             f"-> gate, or None; got {type(gates).__name__}")
         self.gates = gates
         self.batch = batch
         self.sites = PLACEMENT_SITES[placement]
+        self.relu_rule = relu_rule
         self.acts: dict[str, jax.Array] = {}
         self.problems: list[str] = []
         self.extra: dict[str, dict] = {}  # per gate point: what a controller computed there
@@ -70,21 +77,35 @@ class GatePoints:
     def __call__(self, name: str, x: jax.Array, default: jax.Array | None = None) -> jax.Array:
         c = x.shape[-1]
         g = None
+        shift = None
         if isinstance(self.gates, Mapping):
             g = self.gates.get(name)
             if g is not None and gate_shape_problem(name, jnp.shape(g), c, self.batch):
                 g = None  # reported by check_gates in finish()
         elif self.gates is not None:
             g = self.gates(name, x)
-            problem = gate_shape_problem(name, jnp.shape(g), c, self.batch)
+            gated = True
+            if isinstance(g, tuple):  # (gate or None, shift)
+                g, shift = g
+                gated = g is not None
+                if shift is not None and jnp.shape(shift) != x.shape:
+                    self.problems.append(f"{name!r}: shift of shape {jnp.shape(shift)}, expected {x.shape}")
+                    shift = None
+            problem = gated and gate_shape_problem(name, jnp.shape(g), c, self.batch)
             if problem:
                 self.problems.append(problem)
                 g = None
         else:
             g = default  # the model's own gate (a controller's z), used when the caller gives none
         x = apply_gate(x, g)
+        if shift is not None:
+            x = x + shift
         self.acts[name] = x
         return x
+
+    def relu(self, x: jax.Array) -> jax.Array:
+        """The model's ReLU, with the backward rule the model was built with (:func:`relu_with_rule`)."""
+        return relu_with_rule(x, self.relu_rule)
 
     def site(self, kind: str, name: str, x: jax.Array, default: jax.Array | None = None) -> jax.Array:
         """A place in the forward pass where a gate may sit: ``kind`` is ``"conv"`` (a raw conv or
@@ -114,7 +135,10 @@ def forward_start(module, x: jax.Array, gates, channels: int, name: str):
     """
     check_placement(module.gate_placement, module.placements, type(module).__name__)
     check_input(x, channels, name)
-    return GatePoints(gates, x.shape[0], module.gate_placement), normalize(x, module.mean, module.std)
+    if module.relu_rule not in RELU_RULES:
+        raise ValueError(f"relu_rule must be one of {RELU_RULES}, got {module.relu_rule!r}")
+    gp = GatePoints(gates, x.shape[0], module.gate_placement, module.relu_rule)
+    return gp, normalize(x, module.mean, module.std)
 
 
 def gated_relu(gp: GatePoints, name: str, h: jax.Array, bn=None) -> jax.Array:
@@ -123,7 +147,60 @@ def gated_relu(gp: GatePoints, name: str, h: jax.Array, bn=None) -> jax.Array:
     h = gp.site("conv", name, h)
     if bn is not None:
         h = bn(h)
-    return gp.site("act", name, nn.relu(h))
+    return gp.site("act", name, gp.relu(h))
+
+
+@jax.custom_vjp
+def _deconvnet_relu(x):
+    return jnp.maximum(x, 0)
+
+
+def _deconvnet_fwd(x):
+    return jnp.maximum(x, 0), None
+
+
+def _deconvnet_bwd(_, g):
+    # Zeiler & Fergus 2014: the backward pass rectifies the incoming signal and ignores the forward input.
+    return (jnp.maximum(g, 0),)
+
+
+_deconvnet_relu.defvjp(_deconvnet_fwd, _deconvnet_bwd)
+
+
+@jax.custom_vjp
+def _guided_relu(x):
+    return jnp.maximum(x, 0)
+
+
+def _guided_fwd(x):
+    return jnp.maximum(x, 0), x > 0
+
+
+def _guided_bwd(positive, g):
+    # Springenberg et al. 2015: pass a gradient only where the forward input and the gradient are positive.
+    return (jnp.where(positive & (g > 0), g, jnp.zeros_like(g)),)
+
+
+_guided_relu.defvjp(_guided_fwd, _guided_bwd)
+
+
+def relu_with_rule(x: jax.Array, rule: str = "plain") -> jax.Array:
+    """ReLU whose forward is always max(x, 0) and whose backward pass follows ``rule``:
+
+    * ``"plain"``: the true gradient, ``g * (x > 0)`` (``nn.relu``);
+    * ``"deconvnet"``: ``max(g, 0)`` (Zeiler & Fergus 2014);
+    * ``"guided"``: ``max(g, 0) * (x > 0)`` (guided backpropagation, Springenberg et al. 2015).
+
+    These are Captum's rules for ``Deconvolution`` and ``GuidedBackprop``;
+    here they apply to every ReLU of the network (residual ones included).
+    """
+    if rule == "plain":
+        return nn.relu(x)
+    if rule == "deconvnet":
+        return _deconvnet_relu(x)
+    if rule == "guided":
+        return _guided_relu(x)
+    raise ValueError(f"relu_rule must be one of {RELU_RULES}, got {rule!r}")
 
 
 def check_input(x: jax.Array, channels: int, name: str) -> None:

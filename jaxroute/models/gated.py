@@ -101,6 +101,22 @@ class GatedModel:
     def gate_placement(self) -> str:
         return self.module.gate_placement
 
+    @property
+    def relu_rule(self) -> str:
+        return self.module.relu_rule
+
+    def with_relu_rule(self, rule: str) -> "GatedModel":
+        """The same model (variables, gate layout) whose every ReLU back-propagates by ``rule``:
+        ``"plain"``, ``"deconvnet"`` or ``"guided"`` (:func:`jaxroute.models.base.relu_with_rule`).
+        The forward pass is unchanged."""
+        from jaxroute.models.base import RELU_RULES
+
+        if rule not in RELU_RULES:
+            raise ValueError(f"relu rule must be one of {RELU_RULES}, got {rule!r}")
+        if rule == self.module.relu_rule:
+            return self
+        return dataclasses.replace(self, module=self.module.clone(relu_rule=rule))
+
     def with_variables(self, variables: Mapping) -> "GatedModel":
         """The same model with other variables (e.g. after training); the gate layout is kept."""
         return dataclasses.replace(self, variables=variables)

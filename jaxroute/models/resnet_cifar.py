@@ -51,7 +51,7 @@ class BasicBlockA(nn.Module):
             # Option A: subsample rows/cols from index 0, zero-pad channels on both sides.
             p = self.planes // 4
             shortcut = jnp.pad(x[:, ::2, ::2, :], ((0, 0), (0, 0), (0, 0), (p, p)))
-        return gp.site("block", prefix, nn.relu(out + shortcut))
+        return gp.site("block", prefix, gp.relu(out + shortcut))
 
 
 class CifarResNet(GatedModule):

@@ -37,7 +37,7 @@ class _Block(nn.Module):
         if self.stride != 1 or x.shape[-1] != out.shape[-1]:
             shortcut = conv(out.shape[-1], 1, self.stride, 0, name="downsample_0")(x)
             shortcut = batch_norm(train, "downsample_1")(shortcut)
-        return gp.site("block", prefix, nn.relu(out + shortcut))
+        return gp.site("block", prefix, gp.relu(out + shortcut))
 
 
 class ImageNetResNet(GatedModule):

@@ -46,7 +46,7 @@ class VGG16(GatedModule):
         h = flatten_chw(h)
         for k in (0, 3):
             h = nn.Dense(self.hidden, name=f"classifier_{k}")(h)
-            h = gated_relu(gp, f"classifier.{k}", h) if self.gate_fc else nn.relu(h)
+            h = gated_relu(gp, f"classifier.{k}", h) if self.gate_fc else gp.relu(h)
         feats = h
         logits = nn.Dense(self.num_classes, name="classifier_6")(feats)
         return finish(gp, logits, feats, capture)
@@ -71,7 +71,7 @@ class AlexNet(GatedModule):
         h = flatten_chw(adaptive_avg_pool(h, (6, 6)))
         for k in (1, 4):
             h = nn.Dense(4096, name=f"classifier_{k}")(h)
-            h = gated_relu(gp, f"classifier.{k}", h) if self.gate_fc else nn.relu(h)
+            h = gated_relu(gp, f"classifier.{k}", h) if self.gate_fc else gp.relu(h)
         feats = h
         logits = nn.Dense(self.num_classes, name="classifier_6")(feats)
         return finish(gp, logits, feats, capture)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -20,7 +21,7 @@ import numpy as np
 from jaxroute.data import Dataset
 from jaxroute.extraction import BatchPlan, load_manifest, load_shards, run_extraction
 from jaxroute.models.gates import GateSpec
-from jaxroute.routing.dgr import DGRConfig, dgr_route
+from jaxroute.routing.dgr import DGRConfig, dgr_route, dgr_route_pair
 from jaxroute.routing.metrics import routing_metrics
 from jaxroute.routing.pruning import PruneConfig, aar_route, awr_route
 from jaxroute.utils.conv_grads import loop_friendly
@@ -47,18 +48,32 @@ def router_config(method: str, config=None):
     return config
 
 
-def route_outputs(model, method: str = "dgr", config=None) -> Callable:
+def route_outputs(model, method: str = "dgr", config=None, momentum_from: np.ndarray | None = None) -> Callable:
     """Jitted ``fn(images, labels, index) -> {Route fields..., features}`` for the extraction job.
 
     Also usable alone: ``route_outputs(model)(x, None, None)``.
+
+    ``momentum_from`` (DGR only; ``(N, H, W, C)`` images indexed by the sample
+    index): sample i is routed after ``momentum_from[i]`` with the optimizer
+    state carried over (:func:`~jaxroute.routing.dgr.dgr_route_pair`), as the
+    official DGR release routes an adversarial image after its real twin.
+    The default (None) starts every image fresh, as the paper describes.
     """
     router = ROUTERS[method][0]
     config = router_config(method, config)
     features = loop_friendly(lambda x: model.capture(x).features)  # the conv formulations of the routing
+    if momentum_from is not None:
+        if method != "dgr":
+            raise ValueError(f"momentum_from applies to DGR's SGD momentum only, not to {method!r}")
+        previous = jax.numpy.asarray(momentum_from, jax.numpy.float32)
 
-    def fn(x, labels=None, index=None):
-        r = router(model, x, config=config)
-        return {**r._asdict(), "features": features(x)}
+        def fn(x, labels=None, index=None):
+            _, r = dgr_route_pair(model, previous[index], x, config=config)
+            return {**r._asdict(), "features": features(x)}
+    else:
+        def fn(x, labels=None, index=None):
+            r = router(model, x, config=config)
+            return {**r._asdict(), "features": features(x)}
 
     return jax.jit(fn)
 
@@ -66,22 +81,28 @@ def route_outputs(model, method: str = "dgr", config=None) -> Callable:
 def route_dataset(model, dataset: Dataset, out: str | os.PathLike, *, plan: BatchPlan, method: str = "dgr",
                   config=None, source: Mapping[str, Any] | None = None, progress: bool = True,
                   process_index: int | None = None, process_count: int | None = None,
-                  log: Callable[[str], Any] | None = None) -> dict:
+                  momentum_from: np.ndarray | None = None, log: Callable[[str], Any] | None = None) -> dict:
     """Route ``dataset`` into resumable shards under ``out``; returns (and writes) the summary.
 
     ``source`` describes where model and data came from (weights path, data
     spec, split, limit): recorded in the manifest and compared on resume.
+    ``momentum_from``: see :func:`route_outputs` (the manifest records its CRC-32).
     """
     config = router_config(method, config)
     job = {"model": model.name, "gate_placement": model.gate_placement, **dict(source or {}),
            "method": method, "config": dataclasses.asdict(config)}
+    if momentum_from is not None:
+        if len(momentum_from) != len(dataset.images):
+            raise ValueError(f"momentum_from has {len(momentum_from)} images, the data set {len(dataset.images)}")
+        job["momentum_from_crc32"] = zlib.crc32(np.ascontiguousarray(momentum_from, np.float32).data)
     extra = {"layout": model.spec.layout(), "cdrp_size": model.spec.size,
              "model_meta": {"arch": model.name, "mean": list(model.meta.mean), "std": list(model.meta.std),
                             "num_classes": model.num_classes}}
-    res = run_extraction(route_outputs(model, method, config), dataset, out, job=job, plan=plan, extra=extra,
+    res = run_extraction(route_outputs(model, method, config, momentum_from), dataset, out, job=job, plan=plan, extra=extra,
                          progress=progress, desc=f"route {method}", process_index=process_index,
                          process_count=process_count, log=log)
-    timing = {"seconds": res.seconds, "routed_now": res.computed, "images_per_s": res.samples_per_s}
+    timing = {"seconds": res.seconds, "routed_now": res.computed, "images_per_s": res.samples_per_s,
+              "input_images_per_s": res.input_per_s, "routing_images_per_s": res.compute_per_s}
     pi = jax.process_index() if process_index is None else process_index
     return summarize(out, model.spec, timing, write=(pi == 0))
 

@@ -1,0 +1,219 @@
+"""Benchmark: saliency maps per second, jaxroute.explain vs Captum, on the same ResNet-20, images and cores.
+
+    python -m benchmarks.explain                       # 100 test images, batches of 20, all six methods
+    python -m benchmarks.explain --n 20 --batch 10 --repeats 1 --methods gradient,grad_cam
+    python -m benchmarks.explain --gated               # also under per-image class gates
+
+Both libraries explain the SAME images (the first n/10 CIFAR-10 JPEG test
+images of every class, ``../shared/data/cifar10-jpeg/test``; synthetic
+images and random weights without ``../shared``) for their true labels, on
+the same weights (``../shared/models/cifar10-resnet/resnet20-12fca82f.th``):
+jaxroute's Flax ResNet-20 and ``tests/torch_reference.GatedReluResNet20``,
+which has one ``nn.ReLU`` module per use so that Captum's Deconvolution and
+GuidedBackprop hooks reach every ReLU.  Settings are the defaults of both:
+IG 50 Gauss-Legendre steps from black, SmoothGrad 50 samples at sigma 0.15,
+Grad-CAM at ``layer3.2`` with bilinear upsampling to 32x32.  Both sides
+process the images in the same chunks of ``--batch`` images (Captum's IG and
+NoiseTunnel expand each chunk by their 50 steps/samples internally, as
+jaxroute does).  ``--gated`` adds rows where every image is explained under
+its own class's gate vector (random 70 %-dense binary gates per class).
+
+Both sides get the same cores: torch ``--threads`` intra-op threads
+(default: all cores); JAX one CPU device per core, each chunk split over
+them.  Times: the whole set of n images, median of ``--repeats`` runs; the
+JAX compile time separately (excluded).  The column "max |diff| / max |map|"
+compares the two libraries' maps (SmoothGrad draws different noise on each
+side here, so its row differs by the noise; the tests compare it on shared
+noise).  Output: machine info, a markdown table, one JSON line (last line).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+DATA_DIR = SHARED / "data" / "cifar10-jpeg" / "test"
+CKPT = SHARED / "models" / "cifar10-resnet" / "resnet20-12fca82f.th"
+METHOD_NAMES = ("gradient", "deconvnet", "guided_backprop", "grad_cam", "integrated_gradients", "smoothgrad")
+
+
+def load_images(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """n test images, classes interleaved (float32 NHWC in [0, 1]); synthetic without ../shared."""
+    if DATA_DIR.is_dir():
+        from benchmarks.attacks_vs_torchattacks import load_images as load
+
+        return load(n)
+    rng = np.random.default_rng(0)
+    return rng.random((n, 32, 32, 3), dtype=np.float32), np.arange(n, dtype=np.int64) % 10
+
+
+def machine_info(threads: int, devices: int) -> dict:
+    import captum
+    import jax
+    import torch
+
+    from benchmarks.machine import cpu_model
+
+    return {
+        "python": platform.python_version(), "platform": platform.platform(), "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(), "jax": jax.__version__, "jax_backend": jax.default_backend(),
+        "jax_devices": f"{len(jax.devices())} x {jax.devices()[0].platform} (chunks split over {devices})",
+        "torch": torch.__version__, "torch_threads": threads, "captum": captum.__version__,
+        "weights": str(CKPT) if CKPT.exists() else "random (no ../shared)",
+        "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+
+
+def run_jax(model, method, x, y, gates, batch, repeats, devices):
+    import jax
+
+    from jaxroute.explain import explain
+    from jaxroute.utils.devices import batch_sharding, shard_batch
+
+    sharding = batch_sharding(jax.devices()[:devices])
+    key = jax.random.key(0)
+
+    def fn(xb, tb, gb, idx):
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
+        return explain(model, gb, xb, tb, method=method, key=keys).maps
+
+    chunks = [tuple(shard_batch(np.asarray(a[i:i + batch]), sharding) if a is not None else None
+                    for a in (x, y.astype(np.int32), gates, np.arange(len(x))))
+              for i in range(0, len(x), batch)]
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn).lower(*chunks[0]).compile()
+    compile_s = time.perf_counter() - t0
+    times, maps = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        maps = [compiled(*c) for c in chunks]
+        maps = np.concatenate(jax.device_get(maps))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), compile_s, maps
+
+
+def run_captum(tm, method, x, y, gates, batch, repeats):
+    import captum.attr as ca
+    import torch
+
+    def one(xb, yb, gb):
+        xt = torch.from_numpy(np.ascontiguousarray(xb.transpose(0, 3, 1, 2))).requires_grad_(True)
+        tt = torch.from_numpy(yb).long()
+        args = (None if gb is None else torch.from_numpy(gb),)
+        if method == "gradient":
+            a = ca.Saliency(tm).attribute(xt, target=tt, abs=False, additional_forward_args=args)
+        elif method == "deconvnet":
+            a = ca.Deconvolution(tm).attribute(xt, target=tt, additional_forward_args=args)
+        elif method == "guided_backprop":
+            a = ca.GuidedBackprop(tm).attribute(xt, target=tt, additional_forward_args=args)
+        elif method == "integrated_gradients":
+            a = ca.IntegratedGradients(tm).attribute(xt, target=tt, additional_forward_args=args)
+        elif method == "smoothgrad":
+            a = ca.NoiseTunnel(ca.Saliency(tm)).attribute(xt, nt_type="smoothgrad", nt_samples=50, stdevs=0.15,
+                                                          target=tt, abs=False, additional_forward_args=args)
+        else:
+            cam = ca.LayerGradCam(tm, tm.layer3[2].gate_out).attribute(xt, target=tt, relu_attributions=True,
+                                                                       additional_forward_args=args)
+            return ca.LayerAttribution.interpolate(cam, (32, 32), interpolate_mode="bilinear")[:, 0].detach().numpy()
+        return a.detach().abs().amax(1).numpy()
+
+    times, maps = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        maps = np.concatenate([one(x[i:i + batch], y[i:i + batch], None if gates is None else gates[i:i + batch])
+                               for i in range(0, len(x), batch)])
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), maps
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=100, help="number of test images (default 100)")
+    ap.add_argument("--batch", type=int, default=20, help="images per chunk, both libraries (default 20)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per method (median reported)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
+    ap.add_argument("--devices", type=int, default=None, help="JAX CPU devices (default: one per core)")
+    ap.add_argument("--methods", default=",".join(METHOD_NAMES), help="comma-separated subset")
+    ap.add_argument("--gated", action="store_true", help="also explain under per-image class gates")
+    args = ap.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    if any(m not in METHOD_NAMES for m in methods) or args.n < 1 or args.batch < 1 or args.n % args.batch:
+        print(f"--methods must be of {METHOD_NAMES}; --batch must divide --n", file=sys.stderr)
+        return 2
+
+    import jax
+
+    from jaxroute.utils.devices import cpu_devices_per_core
+
+    cpu_devices_per_core()
+    import torch
+
+    sys.path.insert(0, str(REPO / "tests"))
+    import torch_reference
+
+    from jaxroute.weights import load_model
+
+    devices = args.devices or len(jax.devices())
+    if devices > len(jax.devices()) or args.batch % devices:
+        print(f"--devices {devices}: need <= {len(jax.devices())} devices dividing --batch", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    info = machine_info(args.threads, devices)
+    print("## machine")
+    for k, v in info.items():
+        print(f"- {k}: {v}")
+
+    x, y = load_images(args.n)
+    if CKPT.exists():
+        model = load_model("resnet20", CKPT)
+        tm = torch_reference.GatedReluResNet20(model.spec.names, model.spec.channels)
+        from jaxroute.weights import load_torch_state_dict
+
+        tm.load_state_dict({k: torch.as_tensor(v) for k, v in load_torch_state_dict(CKPT).items()}, strict=True)
+    else:
+        from jaxroute.weights import abstract_variables, torch_to_flax
+
+        model = load_model("resnet20", key=jax.random.key(0))
+        tm = torch_reference.randomize_(torch_reference.GatedReluResNet20(model.spec.names, model.spec.channels))
+        model = model.with_variables(torch_to_flax(tm.state_dict(), abstract_variables(model.module, (32, 32, 3))))
+    tm = tm.eval().requires_grad_(False)
+    rng = np.random.default_rng(0)
+    class_gates = (rng.random((10, model.spec.size)) < 0.7).astype(np.float32)
+    print(f"\n{len(x)} images, chunks of {args.batch}; torch threads {args.threads}, JAX devices {devices}\n")
+
+    rows = []
+    for gated in ([False, True] if args.gated else [False]):
+        gates = class_gates[y] if gated else None
+        for m in methods:
+            tj, cj, mj = run_jax(model, m, x, y, gates, args.batch, args.repeats, devices)
+            tc, mc = run_captum(tm, m, x, y, gates, args.batch, args.repeats)
+            diff = float(np.abs(mj - mc).max() / max(np.abs(mc).max(), 1e-30))
+            row = {"method": m, "gated": gated, "jax_s": tj, "jax_compile_s": cj, "captum_s": tc,
+                   "jax_maps_per_s": len(x) / tj, "captum_maps_per_s": len(x) / tc, "ratio": tc / tj,
+                   "max_rel_diff": diff}
+            rows.append(row)
+            print(f"[{m}{' gated' if gated else ''}] {row}", file=sys.stderr, flush=True)
+
+    print("| method | weights | jaxroute maps/s (compile s) | Captum maps/s | jaxroute / Captum | max |diff| / max |map| |")
+    print("|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['method']} | {'class gates' if r['gated'] else 'full'} | {r['jax_maps_per_s']:.1f} "
+              f"({r['jax_compile_s']:.1f}) | {r['captum_maps_per_s']:.1f} | {r['ratio']:.2f}× | "
+              f"{r['max_rel_diff']:.1e} |")
+    print(f"\nTimes for all {len(x)} images, median of {args.repeats} runs, JAX compile excluded; load average at "
+          f"the end {os.getloadavg() if hasattr(os, 'getloadavg') else 'n/a'}.")
+    print(json.dumps({"benchmark": "explain", "n": len(x), "batch": args.batch, "machine": info, "rows": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,20 @@
+"""Saliency: six methods with one signature, full weights or under any gates (class subnetworks).
+
+Every method: ``method(model, gates, x, target, *, config=None, key=None) -> Explanation``
+(:mod:`jaxroute.explain.methods`); :data:`METHODS` lists them by name.
+:func:`explain_dataset` writes a data set's maps through the extraction job;
+:mod:`jaxroute.explain.localization` scores maps against boxes (weakly supervised localization).
+"""
+from jaxroute.explain.job import explain_dataset, explanation_outputs, gather, load_subnets
+from jaxroute.explain.methods import (
+    METHODS, Explanation, GradCAMConfig, GradientConfig, IGConfig, SmoothGradConfig, deconvnet, explain,
+    grad_cam, grad_cam_layer, grad_cam_map, gradient, guided_backprop, integrated_gradients, method_config,
+    saliency_map, smoothgrad, smoothgrad_noise, target_logit_grad,
+)
+
+__all__ = [
+    "METHODS", "Explanation", "GradCAMConfig", "GradientConfig", "IGConfig", "SmoothGradConfig", "deconvnet",
+    "explain", "explain_dataset", "explanation_outputs", "gather", "grad_cam", "grad_cam_layer", "grad_cam_map",
+    "gradient", "guided_backprop", "integrated_gradients", "load_subnets", "method_config", "saliency_map",
+    "smoothgrad", "smoothgrad_noise", "target_logit_grad",
+]

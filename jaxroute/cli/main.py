@@ -386,7 +386,7 @@ def _defaults(config: str) -> dict:
 
 
 # Modules of jaxroute.cli with more subcommands; each has ``add_parsers(sub)`` (see jaxroute.cli.common).
-SUBCOMMAND_MODULES: tuple[str, ...] = ("dissection", "subnets", "data", "explain")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("dissection", "subnets", "data", "explain", "decouple")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,8 +24,10 @@ from jaxroute.models.gates import GateSpec, apply_gate, check_gates, gate_shape_
 GATE_PLACEMENTS = ("post_act", "conv")   # every model has these
 RELU_RULES = ("plain", "deconvnet", "guided")  # backward rules of every ReLU (see relu_with_rule)
 BLOCK_PLACEMENT = "block"                  # residual networks also gate only their block outputs
+DECOUPLE_PLACEMENT = "decouple"            # trained per-layer controllers (jaxroute.decoupling)
 # which sites of the forward pass each placement gates (see GatePoints.site)
-PLACEMENT_SITES = {"post_act": ("act", "block"), "conv": ("conv",), "block": ("block",)}
+PLACEMENT_SITES = {"post_act": ("act", "block"), "conv": ("conv",), "block": ("block",),
+                   "decouple": ("decouple",)}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -70,8 +72,9 @@ class GatePoints:
         self.relu_rule = relu_rule
         self.acts: dict[str, jax.Array] = {}
         self.problems: list[str] = []
+        self.extra: dict[str, dict] = {}  # per gate point: what a controller computed there
 
-    def __call__(self, name: str, x: jax.Array) -> jax.Array:
+    def __call__(self, name: str, x: jax.Array, default: jax.Array | None = None) -> jax.Array:
         c = x.shape[-1]
         g = None
         shift = None
@@ -92,6 +95,8 @@ class GatePoints:
             if problem:
                 self.problems.append(problem)
                 g = None
+        else:
+            g = default  # the model's own gate (a controller's z), used when the caller gives none
         x = apply_gate(x, g)
         if shift is not None:
             x = x + shift
@@ -102,11 +107,12 @@ class GatePoints:
         """The model's ReLU, with the backward rule the model was built with (:func:`relu_with_rule`)."""
         return relu_with_rule(x, self.relu_rule)
 
-    def site(self, kind: str, name: str, x: jax.Array) -> jax.Array:
+    def site(self, kind: str, name: str, x: jax.Array, default: jax.Array | None = None) -> jax.Array:
         """A place in the forward pass where a gate may sit: ``kind`` is ``"conv"`` (a raw conv or
-        linear output), ``"act"`` (after a layer's activation) or ``"block"`` (a residual block's
-        output after its ReLU).  The model's placement decides which kinds are gate points."""
-        return self(name, x) if kind in self.sites else x
+        linear output), ``"act"`` (after a layer's activation), ``"block"`` (a residual block's
+        output after its ReLU) or ``"decouple"`` (a controlled conv's output, ``default`` being the
+        controller's gate).  The model's placement decides which kinds are gate points."""
+        return self(name, x, default) if kind in self.sites else x
 
     def spec(self) -> GateSpec:
         return GateSpec(tuple(self.acts), tuple(int(v.shape[-1]) for v in self.acts.values()))
@@ -274,7 +280,10 @@ def finish(gp: GatePoints, logits: jax.Array, feats: jax.Array, capture: bool):
     """The common end of every model's forward pass: check the gate tree, return."""
     acts = gp.finish()
     if capture:
-        return logits, {"gates": acts, "features": feats}
+        cap = {"gates": acts, "features": feats}
+        if gp.extra:  # controller outputs (decouple placement), read by jaxroute.decoupling
+            cap["decouple"] = gp.extra
+        return logits, cap
     return logits
 
 

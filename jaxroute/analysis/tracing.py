@@ -53,7 +53,11 @@ def prediction_difference(model, x: jax.Array, point: str, corr, *, chunk: int |
 
     def without(i):
         gate = jnp.ones((c,), x.dtype).at[i].set(0.0)
-        return _c_norm(p0 - jax.nn.softmax(model.logits(x, {point: gate}), axis=-1), corr.astype(p0.dtype))
+
+        def gates(name, act):  # every other gate point stays open
+            return gate if name == point else jnp.ones((act.shape[-1],), act.dtype)
+
+        return _c_norm(p0 - jax.nn.softmax(model.logits(x, gates), axis=-1), corr.astype(p0.dtype))
 
     cols = [jax.vmap(without)(jnp.arange(s, min(s + chunk, c))) for s in range(0, c, chunk)]
     return jnp.concatenate(cols, axis=0).T

@@ -195,7 +195,7 @@ def _restore_state(root: Path, state: TrainState, epoch: int) -> TrainState:
     tree = (state.step, state.params, state.batch_stats, state.opt_state)
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     got = ocp.StandardCheckpointer().restore((root / STATE_DIR / f"epoch_{epoch:04d}").absolute())
-    restored = [jnp.asarray(got[f"{i:05d}"], a.dtype) for i, a in enumerate(leaves)]
+    restored = [jnp.asarray(got[f"{i:05d}"], jnp.asarray(a).dtype) for i, a in enumerate(leaves)]
     step, params, batch_stats, opt_state = jax.tree_util.tree_unflatten(treedef, restored)
     return state.replace(step=step, params=params, batch_stats=batch_stats, opt_state=opt_state)
 

@@ -243,6 +243,10 @@ def _plot_fig4(curves, path, title):
     fig.savefig(path, dpi=100)
 
 
+def _signed(v) -> str:
+    return "n/a" if v is None or v != v else f"{v:+.3f}"
+
+
 def report(res: dict) -> str:
     a = res["attack"]
     lines = [
@@ -262,7 +266,7 @@ def report(res: dict) -> str:
         s, s3, g = p[res["config"]["point"]], p["sigma3"], p["pooled"]
         auc = "n/a" if s["gaussian_auc"] is None else f"{s['gaussian_auc']:.3f}"
         lines.append(f"| {tag} | {s['lc_mean']:.3f} | {s['cs1_mean']:.3f} | {s['cs2_mean']:.3f} | "
-                     f"{s['spearman_lc_cs1']:+.3f} | {s['spearman_lc_cs2']:+.3f} | {s3['lc_mean']:.3f} | "
+                     f"{_signed(s['spearman_lc_cs1'])} | {_signed(s['spearman_lc_cs2'])} | {s3['lc_mean']:.3f} | "
                      f"{s3['cs1_mean']:.3f} | {s3['cs2_mean']:.3f} | {s['r1_mean']:.3f} | {s['r2_mean']:.3f} | "
                      f"{s['r1_control_mean']:.5f} | {s['r2_control_mean']:.5f} | {auc} | {g['r1_mean']:.3f} | "
                      f"{g['r2_mean']:.3f} | {g['gaussian_auc']:.3f} |")

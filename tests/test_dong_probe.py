@@ -225,11 +225,12 @@ def test_pd_by_gates_equals_the_closed_form_and_a_silent_channel_has_pd_zero(dig
 
 # --------------------------------------------------------------------------- adversarial training
 def test_adversarial_training_lowers_the_consistency_term_and_resumes(digits_model, tmp_path):
-    from jaxroute.data import load_dataset
+    from jaxroute.data import Dataset, load_dataset
     from jaxroute.training import create_train_state
     from jaxroute.training.adversarial import AdvTrainConfig, adversarial_fit, consistency_of
 
-    train = load_dataset("digits", "train")
+    full = load_dataset("digits", "train")
+    train = Dataset(full.images[:400], full.labels[:400], full.class_names, "digits:train[:400]")
     cfg = AdvTrainConfig(epochs=2, batch_size=100, lr=0.01)
     xb, yb = jnp.asarray(train.images[:200]), jnp.asarray(train.labels[:200])
 

@@ -79,6 +79,16 @@ def gaussian_auc(train_phi, train_labels, real_phi, real_pred, adv_phi, adv_pred
     return float(roc_auc_score(y, np.r_[s_real, s_adv]))
 
 
+def _rank_corr(a, b) -> float | None:
+    """Spearman's ρ, or None where it is undefined (a constant input: e.g. every LC = 1 when each
+    top set is a single image)."""
+    from scipy.stats import spearmanr
+
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return None
+    return float(spearmanr(a, b).statistic)
+
+
 def probe(model, real, adv: dict, corr, *, train=None, point: str | None = None, top_frac: float = 0.01,
           reduce: str = "max", batch_size: int = 128, chunk: int = 1024) -> tuple[dict, dict]:
     """The analysis of the module docstring.  Returns (summary, arrays).
@@ -89,8 +99,6 @@ def probe(model, real, adv: dict, corr, *, train=None, point: str | None = None,
     detector (skipped when None); ``point`` the gate point of φ (default: the
     last one).
     """
-    from scipy.stats import spearmanr
-
     check_top_frac(top_frac)
     check_adversarial_set(adv, model)
     k = model.num_classes
@@ -110,7 +118,7 @@ def probe(model, real, adv: dict, corr, *, train=None, point: str | None = None,
         "n_real": int(len(y)), "n_adv": int(len(ya)), "n_neurons": int(len(lc)), "point": point,
         "top_frac": top_frac, "reduce": reduce,
         "lc_mean": float(lc.mean()), "cs1_mean": float(cs1.mean()), "cs2_mean": float(cs2.mean()),
-        "spearman_lc_cs1": float(spearmanr(lc, cs1).statistic), "spearman_lc_cs2": float(spearmanr(lc, cs2).statistic),
+        "spearman_lc_cs1": _rank_corr(lc, cs1), "spearman_lc_cs2": _rank_corr(lc, cs2),
         "r1_mean": float(np.nanmean(r1)), "r2_mean": float(np.nanmean(r2)),
         "r1_control_mean": float(np.nanmean(c1)), "r2_control_mean": float(np.nanmean(c2)),
         "adv_success": float(np.mean(ra["logits"].argmax(-1) == ta)),

@@ -47,6 +47,10 @@ def _class_correlation(args, class_names):
 
 
 # --------------------------------------------------------------------------- probe
+def _signed(v) -> str:
+    return "undefined" if v is None else f"{v:+.3f}"
+
+
 def cmd_probe(args):
     from jaxroute.analysis.probe import probe
     from jaxroute.utils.io import atomic_save_npz, atomic_write_text, check_writable_dir
@@ -74,7 +78,7 @@ def cmd_probe(args):
     g = summary["gaussian_auc"]
     human = (f"{summary['n_real']} real / {summary['n_adv']} adversarial images, {summary['n_neurons']} neurons: "
              f"LC {summary['lc_mean']:.4f}, CS1 {summary['cs1_mean']:.4f}, CS2 {summary['cs2_mean']:.4f} "
-             f"(ρ(LC,CS1) {summary['spearman_lc_cs1']:+.3f}, ρ(LC,CS2) {summary['spearman_lc_cs2']:+.3f}); "
+             f"(ρ(LC,CS1) {_signed(summary['spearman_lc_cs1'])}, ρ(LC,CS2) {_signed(summary['spearman_lc_cs2'])}); "
              f"r1 {summary['r1_mean']:.4f}, r2 {summary['r2_mean']:.4f} (control {summary['r1_control_mean']:.4f}, "
              f"{summary['r2_control_mean']:.4f})" + (f"; Gaussian AUC {g:.4f}" if g is not None else "")
              + f"; saved {out / 'probe.json'}")

@@ -263,7 +263,8 @@ def test_adv_train_config_rejects_bad_values():
     from jaxroute.training.adversarial import AdvTrainConfig
 
     for kw, needle in [({"alpha": 1.5}, "alpha"), ({"step_eps": 0.0}, "step_eps"), ({"steps": 0}, "steps"),
-                       ({"target": "most_likely"}, "target"), ({"beta": float("nan")}, "beta")]:
+                       ({"target": "most_likely"}, "target"), ({"beta": float("nan")}, "beta"),
+                       ({"grad_clip": 0.0}, "grad_clip")]:
         with pytest.raises(ValueError, match=needle):
             AdvTrainConfig(**kw)
 
@@ -346,3 +347,15 @@ def test_attack_ensemble_members_k_and_adv_top5(digits_ckpt, tmp_path, capsys):
     assert main(["attack", "--model", "digits_cnn", "--weights", str(digits_ckpt), "--limit", "6", "--method",
                  "fgsm", "--k", "3", "--out", str(out)]) == 2
     assert "--k and --ensemble" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_pd_closed_form_on_the_pretrained_resnet20(resnet20, cifar10_sample, shared):
+    wn = shared / "data" / "wordnet"
+    c = correlation_matrix(wordnet_distances(wn, CIFAR10)[0], 1.0)
+    x = jnp.asarray(cifar10_sample[0][:4])
+    pd = np.asarray(prediction_difference(resnet20, x, "layer3.2", c, chunk=16))
+    cap = resnet20.capture(x)
+    closed = np.asarray(prediction_difference_linear_head(cap.features, linear_head_kernel(resnet20), cap.logits, c))
+    assert pd.shape == (4, 64) and pd.min() >= 0
+    np.testing.assert_allclose(pd, closed, atol=1e-5)

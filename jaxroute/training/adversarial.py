@@ -17,7 +17,11 @@ paper's reference [14]), y* = the least likely class of the current model on
 the clean image (``target="random"``: a uniformly random class other than y),
 SGD with momentum 0.9 and weight decay 5e-5 (the paper's Appendix A solver),
 lr 0.01 with cosine decay, 5 epochs, batch 100.  The SGD step is the library
-trainer's (:func:`jaxroute.training.create_train_state`: Nesterov momentum).
+trainer's (:func:`jaxroute.training.create_train_state`: Nesterov momentum),
+after clipping the gradient to global norm 1 (``grad_clip``): on the
+pretrained CIFAR ResNet-20 the first batch has an adversarial CE near 25 and a
+consistency term near 70, and one unclipped lr-0.01 step takes clean accuracy
+from 0.82 to 0.12 on the next batch.
 
 BatchNorm runs in inference mode with its statistics frozen: the clean and the
 adversarial halves of a batch would otherwise share batch statistics, which the
@@ -70,6 +74,7 @@ class AdvTrainConfig:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-5
+    grad_clip: float | None = 1.0  # global-norm gradient clipping (choice; None: off)
     seed: int = 0
 
     def __post_init__(self):
@@ -89,12 +94,24 @@ class AdvTrainConfig:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if self.grad_clip is not None and (isinstance(self.grad_clip, bool) or not isinstance(self.grad_clip, (int, float))
+                                           or not math.isfinite(self.grad_clip) or self.grad_clip <= 0):
+            raise ValueError(f"grad_clip must be a finite number > 0 or None, got {self.grad_clip!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
                            weight_decay=self.weight_decay, seed=self.seed)
+
+
+def create_adv_train_state(module, variables, config: AdvTrainConfig, steps_per_epoch: int) -> TrainState:
+    """The library trainer's SGD (:func:`create_train_state`), after global-norm gradient clipping."""
+    state = create_train_state(module, variables, config.train_config(), steps_per_epoch)
+    if config.grad_clip is None:
+        return state
+    tx = optax.chain(optax.clip_by_global_norm(config.grad_clip), state.tx)
+    return TrainState.create(apply_fn=state.apply_fn, params=state.params, tx=tx, batch_stats=state.batch_stats)
 
 
 def _forward(state: TrainState, params, x, feature):
@@ -217,7 +234,7 @@ def adversarial_fit(model, train, config: AdvTrainConfig, out, *, consistency: C
     if n == 0:
         raise ValueError("training set is empty")
     steps = -(-n // config.batch_size)
-    state = create_train_state(model.module, model.variables, config.train_config(), steps)
+    state = create_adv_train_state(model.module, model.variables, config, steps)
     identity = {"config": dataclasses.asdict(config), "source": source or {}, "n_train": n}
     history: list[dict] = []
     prog = out / PROGRESS

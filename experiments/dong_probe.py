@@ -253,8 +253,8 @@ def report(res: dict) -> str:
         "# Adversarial examples as an interpretability probe (Dong et al., arXiv:1708.05493) on CIFAR-10", "",
         f"Run: **{res['run']}**, {res['n_test']} test images, {a['n']} adversarial images "
         f"(ensemble of ResNet-20 + ResNet-32, k = {res['config']['k']} least-likely targets). Regenerate with "
-        "`python -m experiments.dong_probe --out reports/dong`" + (f" --limit {res['config']['limit']}`"
-                                                                  if res["config"]["limit"] else "`") + ".", "",
+        "`python -m experiments.dong_probe --out reports/dong"
+        + (f" --limit {res['config']['limit']}" if res["config"]["limit"] else "") + "`.", "",
         f"Ensemble attack: success {a['success_rate']:.4f}, median L2 {a['median_l2']:.4f} "
         f"({a['median_l2_255']:.2f} on [0, 255] pixels); the paper gives neither.", "",
         "## Neurons (Fig. 4, 8), ratios (Fig. 5, 9), detection (Fig. 6)", "",
@@ -289,7 +289,9 @@ def report(res: dict) -> str:
               "- WordNet distances as shipped (cat-dog = 2 through 'domestic animal'); σ = 1 (paper) and σ = 3.",
               "- φ = layer3.2 (8×8×64) and the 64-d pooled features; a channel's response is its spatial max.",
               "- Fine-tuning: ε = 1/255 per step, T = 10, y* = least likely class of the current model, SGD "
-              "momentum 0.9 (Nesterov), wd 5e-5, batch 100, lr 0.01 cosine, BN statistics frozen.", ""]
+              "momentum 0.9 (Nesterov), wd 5e-5, batch 100, lr 0.01 cosine, gradient clipped to global norm 1, "
+              "BN statistics frozen.",
+              "- ρ(LC, CS) is n/a where every LC is equal: with few test images each top set is one image.", ""]
     return "\n".join(lines)
 
 

@@ -260,7 +260,7 @@ ATTACK_METHODS = {  # CLI name -> (library attack, config fields from the CLI)
     "pgd_l2": ("pgd", lambda a: {"eps": a.eps, "steps": a.steps, "alpha": a.alpha, "norm": "l2"}),
     "deepfool": ("deepfool", lambda a: {"max_iter": a.steps}),
     "cw_l2": ("cw", lambda a: {"steps": a.steps}),
-    "ensemble": ("ensemble", lambda a: {"steps": a.steps, "lam": a.lam}),
+    "ensemble": ("ensemble", lambda a: {"steps": a.steps, "lam": a.lam, "k": a.k}),
 }
 ATTACK_EPS = ("fgsm", "ifgsm", "pgd_linf", "pgd_l2")  # the methods with a perturbation budget
 PGD_L2_EPS = 0.5  # CLI default L2 radius of pgd_l2 (the library default 8/255 is an L-inf budget)
@@ -290,6 +290,10 @@ def _attack_config(args) -> dict:
             raise ValueError(f"--lam (the distance weight of the ensemble attack) does not apply to {m}")
         if not args.lam >= 0:
             raise ValueError(f"--lam must be >= 0, got {args.lam}")
+    if (args.k is not None or args.ensemble) and m != "ensemble":
+        raise ValueError(f"--k and --ensemble apply to the ensemble attack, not {m}")
+    if args.k is not None and args.k < 1:
+        raise ValueError(f"--k must be >= 1, got {args.k}")
     if args.target != "none" and m == "deepfool":
         raise ValueError("deepfool is untargeted: use --target none")
     kw = {k: v for k, v in ATTACK_METHODS[m][1](args).items() if v is not None}
@@ -326,7 +330,14 @@ def cmd_attack(args) -> dict:
     ds = data_for(model, args)
     if ds.labels is None:
         raise ValueError(f"data {ds.name!r} has no labels; the attacks need the true labels")
-    f = (model.logits,) if name == "ensemble" else model.logits
+    f = model.logits
+    if name == "ensemble":  # the model attacked plus each --ensemble NAME:WEIGHTS member
+        from jaxroute.weights import load_model
+
+        members = [spec.split(":", 1) for spec in args.ensemble]
+        if any(len(m) != 2 or not all(m) for m in members):
+            raise ValueError(f"--ensemble takes NAME:WEIGHTS, got {args.ensemble}")
+        f = (model.logits, *(load_model(n, w).logits for n, w in members))
     arrays = attack_dataset(f, ds.images, ds.labels, attack=name, config=config, targets=args.target,
                             key=jax.random.key(args.seed), batch_size=args.batch_size)
     images, labels = arrays.pop("images"), arrays.pop("labels")
@@ -340,6 +351,10 @@ def cmd_attack(args) -> dict:
            "mean_l2": float(arrays["l2"].mean()),
            "clean_top1": float(np.mean(arrays["clean_pred"] == arrays["labels"])),
            "adv_top1": float(np.mean(arrays["adv_pred"] == arrays["labels"])), "out": str(out)}
+    from jaxroute.data import Dataset
+    from jaxroute.training import eval_logits, topk_accuracy
+
+    res["adv_top5"] = topk_accuracy(eval_logits(model, Dataset(images, labels, ds.class_names, "adv")), labels)["top5"]
     what = "hit the target" if targeted else "changed the label"
     human = (f"{args.method} on {res['n']} images: success ({what}) {res['success_rate']:.4f}, mean Linf "
              f"{res['mean_linf']:.4f}, mean L2 {res['mean_l2']:.4f}, top-1 {res['clean_top1']:.4f} -> "
@@ -386,7 +401,7 @@ def _defaults(config: str) -> dict:
 
 
 # Modules of jaxroute.cli with more subcommands; each has ``add_parsers(sub)`` (see jaxroute.cli.common).
-SUBCOMMAND_MODULES: tuple[str, ...] = ("dissection", "subnets", "data", "explain", "decouple")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("dissection", "subnets", "data", "explain", "decouple", "probe")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -473,6 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lam", type=float, default=None,
                    help="ensemble: weight of the L2 distance on [0, 1] pixels (library default 0.1*255, "
                         "unverified against the paper; small inputs such as 8x8 digits need less, e.g. 1)")
+    s.add_argument("--ensemble", action="append", default=[], metavar="NAME:WEIGHTS",
+                   help="ensemble: one more member model (repeatable); the attacked --model is always one")
+    s.add_argument("--k", type=int, default=None, help="ensemble: targets per image, least likely first (default 1)")
     s.add_argument("--target", choices=("none", "random", "least_likely"), default="none",
                    help="none: untargeted, away from the true label; random: a uniformly random class other "
                         "than the true one (drawn from --seed); least_likely: the model's least likely class "

@@ -1,0 +1,227 @@
+"""``jaxroute probe``, ``adv-train`` and ``trace``: adversarial images as an interpretability probe.
+
+The three steps of Dong et al. (arXiv:1708.05493) on a saved model: neuron
+consistency, feature ratios and Gaussian detection of a targeted adversarial
+set (``probe``); fine-tuning with the feature-consistency loss (``adv-train``);
+the neurons a prediction rests on (``trace``).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from jaxroute.cli.common import add_data_args, add_model_args, data_for, log, model_from_args
+
+
+def _load_adv(path, model, limit=None) -> dict:
+    from jaxroute.analysis.probe import check_adversarial_set
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"adversarial set {path} not found (write it with jaxroute attack --out DIR)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            adv = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable .npz file of arrays: {e}") from None
+    if "images" in adv and adv["images"].dtype == np.uint8:
+        adv["images"] = adv["images"].astype(np.float32) / 255.0
+    if limit is not None and "orig_index" in adv:  # keep the adversarials of the real images in use
+        keep = adv["orig_index"] < limit
+        adv = {k: (v[keep] if np.ndim(v) and len(v) == len(keep) else v) for k, v in adv.items()}
+    return check_adversarial_set(adv, model)
+
+
+def _class_correlation(args, class_names):
+    from jaxroute.analysis.wordnet import correlation_matrix, wordnet_distances
+
+    if class_names is None:
+        raise ValueError("the data set has no class names to look up in WordNet")
+    dist, _, _ = wordnet_distances(args.wordnet, tuple(class_names))
+    return correlation_matrix(dist, args.sigma)
+
+
+# --------------------------------------------------------------------------- probe
+def _signed(v) -> str:
+    return "undefined" if v is None else f"{v:+.3f}"
+
+
+def cmd_probe(args):
+    from jaxroute.analysis.probe import probe
+    from jaxroute.utils.io import atomic_save_npz, atomic_write_text, check_writable_dir
+
+    if not np.isfinite(args.sigma) or args.sigma <= 0:
+        raise ValueError(f"--sigma must be > 0, got {args.sigma}")
+    if not 0 < args.top_frac <= 1:
+        raise ValueError(f"--top-frac must be in (0, 1], got {args.top_frac}")
+    out = check_writable_dir(args.out)
+    model = model_from_args(args, need_weights=True)
+    real = data_for(model, args)
+    corr = _class_correlation(args, real.class_names)
+    adv = _load_adv(args.adv, model, args.limit)
+    train = None
+    if args.train_split:
+        train = data_for(model, argparse.Namespace(**{**vars(args), "limit": args.train_limit}),
+                         split=args.train_split)
+    t = time.perf_counter()
+    summary, arrays = probe(model, real, adv, corr, train=train, point=args.point, top_frac=args.top_frac,
+                            reduce=args.reduce, batch_size=args.batch_size)
+    summary["seconds"] = time.perf_counter() - t
+    summary["sigma"] = args.sigma
+    atomic_save_npz(out / "probe.npz", **arrays)
+    atomic_write_text(out / "probe.json", json.dumps(summary, indent=2, sort_keys=True))
+    g = summary["gaussian_auc"]
+    human = (f"{summary['n_real']} real / {summary['n_adv']} adversarial images, {summary['n_neurons']} neurons: "
+             f"LC {summary['lc_mean']:.4f}, CS1 {summary['cs1_mean']:.4f}, CS2 {summary['cs2_mean']:.4f} "
+             f"(ρ(LC,CS1) {_signed(summary['spearman_lc_cs1'])}, ρ(LC,CS2) {_signed(summary['spearman_lc_cs2'])}); "
+             f"r1 {summary['r1_mean']:.4f}, r2 {summary['r2_mean']:.4f} (control {summary['r1_control_mean']:.4f}, "
+             f"{summary['r2_control_mean']:.4f})" + (f"; Gaussian AUC {g:.4f}" if g is not None else "")
+             + f"; saved {out / 'probe.json'}")
+    return summary, human
+
+
+# --------------------------------------------------------------------------- adv-train
+def cmd_adv_train(args):
+    from jaxroute.training import eval_logits, topk_accuracy
+    from jaxroute.training.adversarial import AdvTrainConfig, adversarial_fit
+    from jaxroute.utils.io import check_writable_dir
+    from jaxroute.weights import save_model
+
+    cfg = AdvTrainConfig(alpha=args.alpha, beta=args.beta, steps=args.steps, step_eps=args.step_eps,
+                         target=args.target, feature=args.feature, epochs=args.epochs, batch_size=args.batch_size,
+                         lr=args.lr, seed=args.seed)
+    out = Path(args.out)
+    if out.exists() and not (out / "progress.json").is_file() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and holds no adversarial training run; choose another --out")
+    check_writable_dir(out)
+    model = model_from_args(args, need_weights=True)
+    train = data_for(model, args, split="train")
+    source = {"model": args.model, "weights": str(args.weights or ""), "data": args.data, "limit": args.limit}
+    res = adversarial_fit(model, train, cfg, out, source=source, log=log)
+    model = model.with_variables(res["variables"])
+    test = data_for(model, args, split="test")
+    acc = topk_accuracy(eval_logits(model, test), test.labels)
+    meta = dataclasses.replace(model.meta, source=f"jaxroute adv-train ({cfg})")
+    path = save_model(out / "model", model.variables, meta, overwrite=True)
+    last = res["epochs"][-1]
+    result = {"epochs": len(res["epochs"]), "loss": last["loss"], "consistency": last["consistency"],
+              "clean_top1": acc["top1"], "clean_top5": acc["top5"], "weights": str(path)}
+    human = (f"adversarial training: {result['epochs']} epochs, loss {last['loss']:.4f}, consistency "
+             f"{last['consistency']:.4f}; test top1 {acc['top1']:.4f} top5 {acc['top5']:.4f}; model in {path}")
+    return result, human
+
+
+# --------------------------------------------------------------------------- trace
+def cmd_trace(args):
+    from jaxroute.analysis.probe import responses
+    from jaxroute.analysis.tracing import trace_dataset
+    from jaxroute.utils.io import atomic_save_npz, atomic_write_text, check_writable_dir
+
+    if not np.isfinite(args.sigma) or args.sigma <= 0:
+        raise ValueError(f"--sigma must be > 0, got {args.sigma}")
+    out = check_writable_dir(args.out)
+    model = model_from_args(args, need_weights=True)
+    if args.point not in model.spec.names:
+        raise ValueError(f"unknown gate point {args.point!r}; the model's gate points: {list(model.spec.names)}")
+    c = dict(model.spec)[args.point]
+    if not 1 <= args.top <= c:
+        raise ValueError(f"--top must be in [1, {c}] for {args.point}, got {args.top}")
+    real = data_for(model, args)
+    corr = _class_correlation(args, real.class_names)
+    images = _load_adv(args.adv, model, args.limit)["images"] if args.adv else np.asarray(real.images)
+    r = trace_dataset(model, images, args.point, corr, top=args.top, threshold=args.threshold,
+                     batch_size=args.batch_size)
+    counted = r["top"][r["keep"]]
+    counts = np.bincount(counted.ravel(), minlength=c)
+    order = [int(i) for i in np.argsort(-counts, kind="stable") if counts[i] > 0]
+    # each frequent top neuron's own top real images (Fig. 10's right-hand grids)
+    stats = responses(model, real.images, point=args.point, batch_size=args.batch_size)["stats"]
+    off = model.spec.offsets[model.spec.names.index(args.point)]
+    grids = {}
+    for i in order[:8]:
+        best = np.argsort(-stats[:, off + i], kind="stable")[:9]
+        grids[i] = best
+        _save_grid(np.asarray(real.images)[best], out / f"neuron_{i:04d}.png", f"{args.point} channel {i}")
+    atomic_save_npz(out / "trace.npz", pd=r["pd"], top=r["top"], top_pd=r["top_pd"], keep=r["keep"],
+                    **{f"neuron_{i}_top_images": v for i, v in grids.items()})
+    res = {"n": int(len(images)), "pd_mean": float(r["pd"].mean()), "point": args.point,
+           "top_neuron_counts": {str(i): int(counts[i]) for i in order}}
+    atomic_write_text(out / "trace.json", json.dumps(res, indent=2))
+    human = (f"PD at {args.point} on {res['n']} images: mean {res['pd_mean']:.4g}; most frequent top neurons "
+             + ", ".join(f"{i} ({counts[i]})" for i in order[:5]) + f"; saved {out}")
+    return res, human
+
+
+def _save_grid(images, path, title):
+    from matplotlib.figure import Figure
+
+    n = len(images)
+    fig = Figure(figsize=(3, 3.3))
+    for j in range(n):
+        ax = fig.add_subplot(3, 3, j + 1)
+        im = images[j]
+        ax.imshow(im[..., 0] if im.shape[-1] == 1 else im, cmap="gray" if im.shape[-1] == 1 else None)
+        ax.set_axis_off()
+    fig.suptitle(title, fontsize=8)
+    fig.savefig(path, dpi=100)
+
+
+# --------------------------------------------------------------------------- parsers
+def _wordnet_args(s):
+    s.add_argument("--wordnet", required=True, help="folder with cifar10_wnids.tsv, wordnet.is_a.txt, words.txt")
+    s.add_argument("--sigma", type=float, default=1.0, help="WordNet correlation width in edges (default 1, Eq. 2)")
+
+
+def add_parsers(sub) -> None:
+    s = sub.add_parser("probe", help="neuron consistency, feature ratios and Gaussian detection of adversarial images")
+    add_model_args(s)
+    add_data_args(s)
+    s.add_argument("--adv", required=True, help="targeted adversarial set: DIR/SPLIT.npz from jaxroute attack")
+    s.add_argument("--train-split", default="train", help="split for the Gaussian detector ('' skips it)")
+    s.add_argument("--train-limit", type=int, default=None, help="use the first N training images")
+    _wordnet_args(s)
+    s.add_argument("--top-frac", type=float, default=0.01, help="top fraction of images per neuron (default 0.01)")
+    s.add_argument("--reduce", choices=("max", "mean"), default="max", help="spatial reduction of a channel")
+    s.add_argument("--point", default=None, help="gate point of φ for r1/r2 and detection (default: the last)")
+    s.add_argument("--batch-size", type=int, default=128)
+    s.add_argument("--out", required=True)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_probe)
+
+    from jaxroute.training.adversarial import AdvTrainConfig
+
+    d = AdvTrainConfig()
+    s = sub.add_parser("adv-train", help="fine-tune with adversarial images and feature consistency (resumable)")
+    add_model_args(s)
+    add_data_args(s, split="train")
+    s.add_argument("--out", required=True, help="run folder: train state per epoch, final model in OUT/model")
+    s.add_argument("--alpha", type=float, default=d.alpha, help=f"clean loss weight (default {d.alpha})")
+    s.add_argument("--beta", type=float, default=d.beta, help=f"consistency weight (default {d.beta})")
+    s.add_argument("--steps", type=int, default=d.steps, help=f"attack steps T (default {d.steps})")
+    s.add_argument("--step-eps", type=float, default=d.step_eps, help="attack step in [0, 1] pixels (default 1/255)")
+    s.add_argument("--target", choices=("least_likely", "random"), default=d.target)
+    s.add_argument("--feature", default=None, help="gate point of φ (default: the penultimate features)")
+    s.add_argument("--epochs", type=int, default=d.epochs)
+    s.add_argument("--batch-size", type=int, default=d.batch_size)
+    s.add_argument("--lr", type=float, default=d.lr)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_adv_train)
+
+    s = sub.add_parser("trace", help="prediction-difference tracing of the neurons a prediction rests on")
+    add_model_args(s)
+    add_data_args(s)
+    s.add_argument("--adv", default=None, help="trace the images of this adversarial set instead of --data")
+    s.add_argument("--point", required=True, help="gate point whose channels are removed one by one")
+    s.add_argument("--top", type=int, default=2)
+    s.add_argument("--threshold", type=float, default=None, help="count a top neuron only if its PD >= this")
+    _wordnet_args(s)
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--out", required=True)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_trace)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -52,20 +53,44 @@ VALID: dict[str, list[str]] = {
     "quickstart": ["quickstart", "--out", "<quick>", "--epochs", "1", "--no-progress"],
     "explain": ["explain", "--model", "digits_cnn", "--weights", "<ckpt>", "--limit", "8", "--method", "gradient",
                 "--batch-size", "4", "--out", "<explained>", "--no-progress"],
+    # an RGB image folder of 6 images (3 per class), the generated textures and colours
+    "concepts": ["concepts", "--data", "<images>", "--split", "test", "--out", "<concepts_new>", "--color-table",
+                 "<color_table>", "--textures-per-name", "1"],
+    # a randomly initialised resnet20: the concept set is RGB 32x32
+    "dissect": ["dissect", "--model", "resnet20", "--weights", "<r20_ckpt>", "--concepts", "<concepts>", "--layer",
+                "layer1.0", "--batch-size", "8", "--out", "<dissected>"],
+    "subnet": ["subnet", "--model", "digits_cnn", "--weights", "<ckpt>", "--data", "digits", "--limit", "20",
+               "--epochs", "1", "--batch-size", "8", "--out", "<subnets>"],
+    "data convert": ["data", "convert", "--data", "<images>", "--split", "test", "--model", "digits_cnn", "--out",
+                     "<records_new>", "--decode-workers", "0", "--no-progress"],
+    "decouple": ["decouple", "--model", "digits_cnn", "--weights", "<ckpt>", "--data", "digits", "--limit", "16",
+                 "--out", "<decoupled_new>", "--epochs", "1", "--batch-size", "8", "--no-augment"],
+    # --train-split '' leaves out the Gaussian detector (a second pass over the training split)
+    "probe": ["probe", "--model", "digits_cnn", "--weights", "<ckpt>", "--limit", "8", "--wordnet", "<wordnet>",
+              "--adv", "<targeted>/test.npz", "--train-split", "", "--top-frac", "0.5", "--out", "<probed>"],
+    "adv-train": ["adv-train", "--model", "digits_cnn", "--weights", "<ckpt>", "--limit", "8", "--epochs", "1",
+                  "--batch-size", "8", "--steps", "1", "--out", "<adv_trained_new>"],
+    "trace": ["trace", "--model", "digits_cnn", "--weights", "<ckpt>", "--limit", "8", "--wordnet", "<wordnet>",
+              "--point", "conv3", "--top", "1", "--batch-size", "8", "--out", "<traced>"],
 }
 # Subcommands whose bad values this file does not cover yet (their valid runs need an image folder,
 # a concept data set or trained subnetworks); listed so that the coverage test names every other one.
-NOT_COVERED = {"concepts", "dissect", "subnet", "data convert", "decouple", "probe", "adv-train", "trace"}
+NOT_COVERED: set[str] = set()
 # Valid runs left to the slow test: quickstart trains and routes the whole digits test set, and
 # train compiles a training step (the fixture's previous "train" output is the trained digits CNN).
-HEAVY_VALID = {"quickstart", "train"}
+HEAVY_VALID = {"quickstart", "train", "dissect", "subnet", "decouple", "adv-train"}
 
-INPUT_PATHS = {"weights", "data", "train_real", "train_adv", "test_real", "test_adv"}
+INPUT_PATHS = {"weights", "data", "train_real", "train_adv", "test_real", "test_adv", "color_table", "concepts",
+               "adv", "wordnet"}
 OUTPUT_PATHS = {"out"}
 # Options whose value no bad-value class applies to, and why.
 EXEMPT = {
     "data_dir": "a cache folder: an unwritable one is a warning by design (the data still loads); "
                 "digits and .npz data do not use it",
+}
+# Options a negative value is valid for, and why.
+NEGATIVE_OK = {
+    ("trace", "threshold"): "a prediction difference is signed (removing a channel can raise the class's probability)",
 }
 # Free-text options: their malformed values.
 STRING_CASES: dict[str, list[str]] = {
@@ -78,6 +103,12 @@ STRING_CASES: dict[str, list[str]] = {
     "feature": ["nope", ""],
     "method": ["nope", "gradient,gradient", ""],   # explain: a comma-separated list of saliency methods
     "subnets": ["<missing>", "<a_file>"],          # explain: a subnet output folder
+    "ensemble": ["nope", "digits_cnn:<missing>", "resnet20:<ckpt>", "digits_cnn:<random_th>"],  # NAME:WEIGHTS
+    "layer": ["nope", ""],
+    "point": ["nope", ""],
+    "test_split": ["nope", ""],
+    "train_split": ["nope"],                       # '' is valid: no Gaussian detector
+    "milestones": ["a,b", "0.5,nan", "-0.5", "1.5", "0.75,0.5", ""],
 }
 # Arguments a value needs to be read at all (e.g. --prune-frac belongs to awr/aar).
 CONTEXT: dict[tuple[str, str], list[str]] = {
@@ -88,9 +119,13 @@ CONTEXT: dict[tuple[str, str], list[str]] = {
     ("attack", "steps"): ["--method", "ifgsm"],
     ("attack", "alpha"): ["--method", "pgd_linf"],
     ("attack", "lam"): ["--method", "ensemble"],
+    ("attack", "ensemble"): ["--method", "ensemble"],
+    ("dissect", "eps"): ["--attack", "fgsm"],
+    ("probe", "train_limit"): ["--train-split", "train"],
 }
 # Finished outputs of the valid runs: byte-identical after every failing case.
-FINISHED = ("routes", "adv", "trained", "converted", "routes_bad_shard", "routes_bad_manifest", "explained")
+FINISHED = ("routes", "adv", "trained", "converted", "routes_bad_shard", "routes_bad_manifest", "explained",
+            "concepts", "targeted", "probed", "traced", "r20_ckpt")
 
 
 def subcommands(parser=None, prefix="") -> dict[str, argparse.ArgumentParser]:
@@ -129,7 +164,8 @@ def option_cases(cmd: str, a: argparse.Action) -> list[tuple[str, list[str]]]:
         cases += [("wrong-type", [opt, v]) for v in ("abc", "1.5", "nan")] + [("negative", [opt, "-1"])]
     elif a.type is float:
         cases += [("wrong-type", [opt, "abc"])] + [("non-finite", [opt, v]) for v in ("nan", "inf", "-inf")]
-        cases.append(("negative", [opt, "-1"]))
+        if (cmd, dest) not in NEGATIVE_OK:
+            cases.append(("negative", [opt, "-1"]))
     elif dest in STRING_CASES:
         cases += [("malformed", [opt, v]) for v in STRING_CASES[dest]]
     else:
@@ -159,6 +195,10 @@ def all_cases() -> list:
                 opt = opts[d].option_strings[-1]
                 out += [(cmd, "corrupt-file", [opt, "<routes_bad_shard>"]),
                         (cmd, "corrupt-file", [opt, "<routes_bad_manifest>"])]
+        for d, bad in (("color_table", "<bad_color_table>"), ("concepts", "<concepts_bad_csv>"), ("adv", "<bad_adv>"),
+                       ("wordnet", "<bad_wordnet>")):
+            if d in opts:
+                out.append((cmd, "corrupt-file", [opts[d].option_strings[-1], bad]))
         if cmd == "route":  # a damaged previous output in --out is refused, not trusted or overwritten
             out += [(cmd, "corrupt-file", ["--out", "<routes_bad_shard>"]),
                     (cmd, "corrupt-file", ["--out", "<routes_bad_manifest>"])]
@@ -174,13 +214,7 @@ def case_id(case) -> str:
 
 
 def resolve(argv, ctx) -> list[str]:
-    out = []
-    for a in argv:
-        if a.startswith("<"):
-            name, _, rest = a[1:].partition(">")
-            a = str(ctx[name]) + rest
-        out.append(a)
-    return out
+    return [re.sub(r"<(\w+)>", lambda m: str(ctx[m.group(1)]), a) for a in argv]
 
 
 def run_cli(argv, capsys) -> tuple[int, str]:
@@ -282,6 +316,54 @@ def ctx(digits_ckpt, tmp_path_factory):
     c["routes_bad_manifest"] = root / "routes_bad_manifest"
     shutil.copytree(c["routes"], c["routes_bad_manifest"])
     (c["routes_bad_manifest"] / "manifest.json").write_text('{"format": ')
+    # inputs of the concept, dissection, probe and trace commands, and damaged copies of them
+    from PIL import Image
+
+    import jax
+    from jaxroute.weights import save_model
+
+    for k in ("concepts_new", "records_new", "decoupled_new", "adv_trained_new", "dissected", "subnets", "probed",
+              "traced"):
+        c[k] = root / k
+    for cls in ("cat", "dog"):
+        d = root / "images" / "test" / cls
+        d.mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    c["images"] = root / "images"
+    c["color_table"] = root / "w2color.npy"
+    np.save(c["color_table"], rng.integers(0, 11, (32, 32, 32)).astype(np.uint8))
+    c["concepts"] = root / "concepts"
+    assert main(resolve(VALID["concepts"], c) + ["--out", str(c["concepts"])]) == 0
+    c["r20_ckpt"] = root / "r20"
+    r20 = load_model("resnet20", None, key=jax.random.key(0))
+    save_model(c["r20_ckpt"], r20.variables, r20.meta)
+    c["wordnet"] = root / "wordnet"
+    c["wordnet"].mkdir()
+    wnid = {str(i): f"n{i:08d}" for i in range(10)}
+    (c["wordnet"] / "cifar10_wnids.tsv").write_text(
+        "\n".join(["label\tclass\twnid\tsynset_words"] + [f"{i}\t{i}\t{wnid[str(i)]}\tdigit {i}" for i in range(10)]))
+    (c["wordnet"] / "wordnet.is_a.txt").write_text("\n".join(
+        ["n00000100 n00000101", "n00000100 n00000102"] + [f"n0000010{1 + i % 2} {wnid[str(i)]}" for i in range(10)]))
+    (c["wordnet"] / "words.txt").write_text("\n".join([f"{w}\tdigit {k}" for k, w in wnid.items()]
+                                                      + ["n00000100\tnumber", "n00000101\teven", "n00000102\todd"]))
+    c["targeted"] = root / "targeted"
+    assert main(["attack", "--model", "digits_cnn", "--weights", str(digits_ckpt), "--limit", "8", "--method", "ifgsm",
+                 "--target", "least_likely", "--steps", "2", "--out", str(c["targeted"])]) == 0
+    for cmd in ("probe", "trace"):
+        assert main(resolve(VALID[cmd], c)) == 0, cmd
+    c["bad_color_table"] = root / "bad_w2color.npy"
+    c["bad_color_table"].write_bytes(c["color_table"].read_bytes()[:300])
+    c["concepts_bad_csv"] = root / "concepts_bad_csv"
+    shutil.copytree(c["concepts"], c["concepts_bad_csv"])
+    (c["concepts_bad_csv"] / "label.csv").write_bytes(rng.bytes(300))
+    c["bad_adv"] = root / "bad_adv.npz"
+    data = (c["targeted"] / "test.npz").read_bytes()
+    c["bad_adv"].write_bytes(data[: len(data) // 2])
+    c["bad_wordnet"] = root / "bad_wordnet"
+    shutil.copytree(c["wordnet"], c["bad_wordnet"])
+    (c["bad_wordnet"] / "wordnet.is_a.txt").write_bytes(rng.bytes(300))
+    (c["bad_wordnet"] / "cifar10_wnids.tsv").write_text("label\tclass\n0\n")
     c["snapshot"] = snapshot(c)
     c["pristine"] = root / "pristine"
     for name in FINISHED:
@@ -300,11 +382,12 @@ def test_every_subcommand_has_minimal_valid_arguments():
         assert cmd in NOT_COVERED or any(c[0] == cmd for c in CASES) or not list(value_options(parser)), cmd
 
 
-@pytest.mark.parametrize("cmd", sorted(set(VALID) - HEAVY_VALID - {"convert", "route", "attack", "explain"}))
-def test_minimal_arguments_are_valid(cmd, ctx):
+@pytest.mark.parametrize("cmd", sorted(set(VALID) - HEAVY_VALID - {"convert", "route", "attack", "explain", "probe",
+                                                                    "trace"}))
+def test_minimal_arguments_are_valid(cmd, ctx, tmp_path):
     """The baseline of the cases runs (so each case fails because of its one bad value);
-    convert, route and attack ran in the ``ctx`` fixture."""
-    assert main(resolve(VALID[cmd], ctx)) == 0
+    convert, route, attack, explain, probe and trace ran in the ``ctx`` fixture."""
+    assert main(resolve(VALID[cmd], ctx) + (["--out", str(tmp_path / "out")] if "--out" in VALID[cmd] else [])) == 0
     assert ctx["snapshot"] == snapshot(ctx)
 
 

@@ -105,7 +105,9 @@ def probe(model, real, adv: dict, corr, *, train=None, point: str | None = None,
     corr = np.asarray(corr, np.float64)
     if corr.shape != (k, k):
         raise ValueError(f"the class correlation is {corr.shape}, the model has {k} classes")
-    point = point or model.spec.names[-1]
+    point = model.spec.names[-1] if point is None else point
+    if point not in model.spec.names:
+        raise ValueError(f"unknown gate point {point!r}; the model's gate points: {list(model.spec.names)}")
     rr = responses(model, real.images, point=point, reduce=reduce, batch_size=batch_size)
     ra = responses(model, adv["images"], point=point, reduce=reduce, batch_size=batch_size)
     y, ya, ta = np.asarray(real.labels), np.asarray(adv["labels"]), np.asarray(adv["target"])

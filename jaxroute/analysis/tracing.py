@@ -21,6 +21,8 @@ has PD 0 there.
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -93,6 +95,8 @@ def top_neurons(pd: jax.Array, top: int = 2, threshold: float | None = None):
     """Per image the ``top`` channels by PD (B, top) and, with a ``threshold``, whether each clears it."""
     if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= pd.shape[-1]:
         raise ValueError(f"top must be an integer in [1, {pd.shape[-1]}], got {top!r}")
+    if threshold is not None and not math.isfinite(threshold):  # NaN would silently keep nothing
+        raise ValueError(f"threshold must be a finite PD, got {threshold!r}")
     vals, idx = jax.lax.top_k(pd, top)
     keep = jnp.ones_like(vals, bool) if threshold is None else vals >= threshold
     return idx, vals, keep

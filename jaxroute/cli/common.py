@@ -75,7 +75,7 @@ def dataset_from_args(args, split=None, stream: bool = False, preprocess=None):
     workers = getattr(args, "decode_workers", None)
     if workers is not None and workers < 0:
         raise ValueError(f"--decode-workers must be >= 0, got {workers}")
-    return load_dataset(args.data, split or args.split, limit=args.limit,
+    return load_dataset(args.data, args.split if split is None else split, limit=args.limit,
                         cache_dir=args.data_dir, download=args.download, stream=stream, preprocess=preprocess,
                         skip_bad=getattr(args, "skip_bad", False), workers=workers)
 

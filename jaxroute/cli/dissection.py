@@ -48,15 +48,27 @@ def add_parsers(sub) -> None:
 def cmd_concepts(args):
     import numpy as np
 
-    from jaxroute.dissection.concepts import build_concepts, group_cap, iou_caps
+    from jaxroute.dissection.concepts import build_concepts, group_cap, iou_caps, load_color_table
 
     check_new_output(args.out, args.overwrite)
     table = Path(args.color_table) if args.color_table else DEFAULT_COLOR_TABLE
     if not 0 < args.quantile < 1:
         raise ValueError(f"--quantile must be in (0, 1), got {args.quantile}")
+    # the cheap inputs are checked before the images are decoded
+    load_color_table(table)
+    if args.textures_per_name is not None and args.textures_per_name < 0:
+        raise ValueError(f"--textures-per-name must be >= 0, got {args.textures_per_name}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
     from jaxroute.cli.common import dataset_from_args
 
-    ds = dataset_from_args(args)
+    pre = None
+    if args.resize is not None or args.crop is not None:  # without them images keep their (uniform) size
+        from jaxroute.data.preprocess import Preprocess
+
+        side = args.crop if args.crop is not None else args.resize
+        pre = Preprocess(args.resize if args.resize is not None else side, side, 3)
+    ds = dataset_from_args(args, preprocess=pre)
     if ds.images.shape[-1] != 3:
         raise ValueError(f"the concept set needs RGB images, data {ds.name!r} has {ds.images.shape[-1]} channel(s)")
     images = np.asarray(np.rint(np.asarray(ds.images) * 255), np.uint8)
@@ -86,6 +98,8 @@ def cmd_dissect(args):
 
     config = DissectConfig(quantile=args.quantile, iou_threshold=args.iou_threshold, rules=args.rules,
                            compare=args.compare, batch_size=args.batch_size)
+    if args.attack != "none" and not 0 < args.eps <= 1:  # before the clean pass, not after it
+        raise ValueError(f"--eps must be in (0, 1] pixels, got {args.eps}")
     if args.reuse_thresholds and args.attack == "none":
         raise ValueError("--reuse-thresholds applies to --attack fgsm only")
     broden = read_broden(args.concepts)

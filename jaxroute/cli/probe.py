@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ def _load_adv(path, model, limit=None) -> dict:
     try:
         with np.load(path, allow_pickle=False) as z:
             adv = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
         raise ValueError(f"{path} is not a readable .npz file of arrays: {e}") from None
     if "images" in adv and adv["images"].dtype == np.uint8:
         adv["images"] = adv["images"].astype(np.float32) / 255.0
@@ -61,6 +62,8 @@ def cmd_probe(args):
         raise ValueError(f"--top-frac must be in (0, 1], got {args.top_frac}")
     out = check_writable_dir(args.out)
     model = model_from_args(args, need_weights=True)
+    if args.point is not None and args.point not in model.spec.names:
+        raise ValueError(f"unknown gate point {args.point!r}; the model's gate points: {list(model.spec.names)}")
     real = data_for(model, args)
     corr = _class_correlation(args, real.class_names)
     adv = _load_adv(args.adv, model, args.limit)
@@ -96,11 +99,13 @@ def cmd_adv_train(args):
                          target=args.target, feature=args.feature, epochs=args.epochs, batch_size=args.batch_size,
                          lr=args.lr, seed=args.seed)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
     if out.exists() and not (out / "progress.json").is_file() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and holds no adversarial training run; choose another --out")
     check_writable_dir(out)
     model = model_from_args(args, need_weights=True)
-    train = data_for(model, args, split="train")
+    train = data_for(model, args)  # --split (default train)
     source = {"model": args.model, "weights": str(args.weights or ""), "data": args.data, "limit": args.limit}
     res = adversarial_fit(model, train, cfg, out, source=source, log=log)
     model = model.with_variables(res["variables"])
@@ -124,6 +129,8 @@ def cmd_trace(args):
 
     if not np.isfinite(args.sigma) or args.sigma <= 0:
         raise ValueError(f"--sigma must be > 0, got {args.sigma}")
+    if args.threshold is not None and not np.isfinite(args.threshold):
+        raise ValueError(f"--threshold must be a finite PD, got {args.threshold}")
     out = check_writable_dir(args.out)
     model = model_from_args(args, need_weights=True)
     if args.point not in model.spec.names:

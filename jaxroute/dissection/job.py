@@ -73,8 +73,8 @@ def dissect_to_dir(model, broden: Broden, layers: Sequence[str], out, *, model_d
     ``{layer: summary}``.
     """
     layers = check_layers(model, layers)
-    if attack != "none" and (eps is None or not eps > 0):
-        raise ValueError(f"attack {attack!r} needs eps > 0, got {eps!r}")
+    if attack != "none" and (eps is None or not 0 < eps <= 1):  # also refuses NaN and inf
+        raise ValueError(f"attack {attack!r} needs eps in (0, 1] pixels, got {eps!r}")
     out = Path(out)
     for layer in layers:
         check_cache_config(out / layer.replace("/", "_"), layer_key(model_desc, broden, layer, config))

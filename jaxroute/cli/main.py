@@ -376,7 +376,7 @@ def _defaults(config: str) -> dict:
 
 
 # Modules of jaxroute.cli with more subcommands; each has ``add_parsers(sub)`` (see jaxroute.cli.common).
-SUBCOMMAND_MODULES: tuple[str, ...] = ()
+SUBCOMMAND_MODULES: tuple[str, ...] = ("detectors",)
 
 
 def build_parser() -> argparse.ArgumentParser:

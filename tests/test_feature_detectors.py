@@ -82,7 +82,8 @@ def test_mahalanobis_matches_per_sample_reference(tiny):
         m = float64_model(model)
         x64 = np.asarray(x, np.float64)
         train, _ = pooled_features(m, x64, pts)
-        gs = fit_layer_gaussians([np.asarray(f) for f in train], y, 10, shrinkage="ledoit_wolf")
+        gs, kept = fit_layer_gaussians([np.asarray(f) for f in train], y, 10, shrinkage="ledoit_wolf")
+        assert kept[0] == tuple(range(32))
         got = np.asarray(jax.jit(lambda gs, xb: layer_scores(m, gs, pts, xb, eps))(gs, x64[:3]))
         assert got.shape == (3, 2, 3)
         for li, (g, p) in enumerate(zip(gs, pts)):
@@ -114,6 +115,17 @@ def test_mahalanobis_scorer(tiny):
     g = scorer.gaussians[0]
     ref = np.max(-0.5 * np.asarray(jax.jit(mahalanobis)(g, feats["pool_conv1"][:40])), axis=1)
     np.testing.assert_allclose(s[:, 0, 0], ref, rtol=1e-4, atol=1e-4)        # ε = 0: no pre-processing
+    # a dead channel (constant over the training images) is left out: the reference's pseudo-inverse
+    dead = [np.asarray(feats[f"pool_{p}"]).copy() for p in pts]
+    dead[0][:, 3] = 0.0
+    gs, kept = fit_layer_gaussians(dead, y, 10)
+    assert 3 not in kept[0] and len(kept[0]) == 31 and kept[1] == tuple(range(64))
+    from sklearn.covariance import EmpiricalCovariance
+    means = np.stack([dead[0][y == c].mean(0) for c in range(10)])
+    prec = EmpiricalCovariance().fit(dead[0] - means[y]).precision_        # pinvh of the singular covariance
+    q = dead[0][:5] + 0.01
+    ref = np.einsum("nkd,de,nke->nk", q[:, None] - means[None], prec, q[:, None] - means[None])
+    np.testing.assert_allclose(np.asarray(mahalanobis(gs[0], q[:, kept[0]].astype(np.float32))), ref, rtol=1e-3)
     with pytest.raises(ValueError, match="another model"):
         MahalanobisScorer(model, pts).fit([np.zeros((20, 5))] * 3, y[:20])
     with pytest.raises(ValueError, match="epsilons"):

@@ -61,10 +61,26 @@ class MahalanobisConfig:
             raise ValueError(f"Mahalanobis shrinkage must be 'none' or 'ledoit_wolf', got {self.shrinkage!r}")
 
 
-def fit_layer_gaussians(features: Sequence, labels, num_classes: int, shrinkage: str = "none") -> list[ClassGaussians]:
-    """One tied-covariance class-Gaussian per layer from training features [(N, C_l)] and labels (N,)."""
-    return [fit_class_gaussians(np.asarray(f).reshape(len(f), -1), labels, num_classes, covariance="tied",
-                                shrinkage=shrinkage) for f in features]
+def fit_layer_gaussians(features: Sequence, labels, num_classes: int, shrinkage: str = "none"
+                        ) -> tuple[list[ClassGaussians], list[tuple[int, ...]]]:
+    """One tied-covariance class-Gaussian per layer from training features [(N, C_l)] and labels (N,).
+
+    Returns the Gaussians and, per layer, the channels they are fitted on:
+    channels constant over the training images (dead ReLUs; two of the
+    pretrained CIFAR ResNet-20's sixteen stem channels) are left out.  They
+    make the covariance singular; the reference's ``EmpiricalCovariance``
+    pseudo-inverse gives them zero precision, so leaving them out gives the
+    same distances.
+    """
+    gs, kept = [], []
+    for f in features:
+        f = np.asarray(f, np.float64).reshape(len(f), -1)
+        keep = tuple(int(c) for c in np.flatnonzero(f.max(0) > f.min(0)))
+        if not keep:
+            raise ValueError("a layer's features are constant over the training images")
+        gs.append(fit_class_gaussians(f[:, keep], labels, num_classes, covariance="tied", shrinkage=shrinkage))
+        kept.append(keep)
+    return gs, kept
 
 
 def _score(g: ClassGaussians, f: jax.Array) -> jax.Array:
@@ -72,23 +88,32 @@ def _score(g: ClassGaussians, f: jax.Array) -> jax.Array:
 
 
 def layer_scores(model, gaussians: Sequence[ClassGaussians], points: Sequence[str], x: jax.Array,
-                 epsilons: Sequence[float] = LEE_EPSILONS, gates=None) -> jax.Array:
+                 epsilons: Sequence[float] = LEE_EPSILONS, gates=None,
+                 channels: Sequence[Sequence[int]] | None = None) -> jax.Array:
     """Lee et al.'s scores M_l(x̂_ε) of a batch, (B, L, E) for L layers and E magnitudes.  Pure, jittable
-    (``points``/``epsilons`` static); ``gates`` gates every pass (e.g. a subnetwork)."""
+    (``points``/``epsilons``/``channels`` static); ``gates`` gates every pass (e.g. a subnetwork);
+    ``channels``: per layer the channels the Gaussians were fitted on (all when None)."""
     if len(gaussians) != len(points):
         raise ValueError(f"{len(gaussians)} fitted layers for {len(points)} gate points")
+    channels = [None] * len(points) if channels is None else list(channels)
     eps = jnp.asarray(epsilons, x.dtype)
     out = []
-    for g, p in zip(gaussians, points):
-        def half_min_distance(xb, g=g, p=p):
-            d = mahalanobis(g, pool(model.capture(xb, gates).acts[p]))
+    for g, p, ch in zip(gaussians, points, channels):
+        idx = None if ch is None else np.asarray(ch, np.int32)
+
+        def feat(xb, p=p, idx=idx):
+            f = pool(model.capture(xb, gates).acts[p])
+            return f if idx is None else f[:, idx]
+
+        def half_min_distance(xb, g=g, feat=feat):
+            d = mahalanobis(g, feat(xb))
             return 0.5 * jnp.sum(jnp.min(d, axis=-1))   # ½ d_ĉ, ĉ the closest class, summed over the batch
 
         grad = jax.grad(half_min_distance)(x)
         step = jnp.where(grad >= 0, 1.0, -1.0).astype(x.dtype)
 
-        def score_at(e, g=g, p=p, step=step):
-            return _score(g, pool(model.capture(x - e * step, gates).acts[p]))
+        def score_at(e, g=g, feat=feat, step=step):
+            return _score(g, feat(x - e * step))
 
         out.append(jax.vmap(score_at)(eps).T)             # (B, E)
     return jnp.stack(out, axis=1)
@@ -108,7 +133,9 @@ class MahalanobisScorer:
         self.model, self.points, self.config = model, check_points(model, points), config
         self.batch_size = int(batch_size)
         self.gaussians: list[ClassGaussians] | None = None
-        self._fn = None
+        # one jitted function for every fit: the Gaussians are arguments, the kept channels static
+        self._fn = jax.jit(lambda gs, x, channels: layer_scores(model, gs, self.points, x, config.epsilons,
+                                                                 channels=channels), static_argnames="channels")
 
     def fit(self, features: Sequence, labels) -> "MahalanobisScorer":
         if len(features) != len(self.points):
@@ -117,9 +144,8 @@ class MahalanobisScorer:
             if np.shape(f)[-1] != c:
                 raise ValueError(f"features of {p!r} have {np.shape(f)[-1]} channels, the model has {c}: "
                                  "features of another model?")
-        self.gaussians = fit_layer_gaussians(features, labels, self.model.num_classes, self.config.shrinkage)
-        eps = self.config.epsilons
-        self._fn = jax.jit(lambda gs, x: layer_scores(self.model, gs, self.points, x, eps))
+        self.gaussians, self.channels = fit_layer_gaussians(features, labels, self.model.num_classes,
+                                                            self.config.shrinkage)
         return self
 
     def _channels(self):
@@ -129,8 +155,8 @@ class MahalanobisScorer:
     def score(self, x) -> np.ndarray:
         if self.gaussians is None:
             raise RuntimeError("fit the Mahalanobis scorer before scoring")
-        gs = self.gaussians
-        return map_batches(lambda i, xb: self._fn(gs, xb), (np.asarray(x, np.float32),),
+        gs, ch = self.gaussians, tuple(self.channels)
+        return map_batches(lambda i, xb: self._fn(gs, xb, channels=ch), (np.asarray(x, np.float32),),
                            min(self.batch_size, len(x)))
 
 

@@ -55,7 +55,7 @@ VALID: dict[str, list[str]] = {
 }
 # Subcommands whose bad values this file does not cover yet (their valid runs need an image folder,
 # a concept data set or trained subnetworks); listed so that the coverage test names every other one.
-NOT_COVERED = {"concepts", "dissect", "subnet", "data convert", "decouple", "probe", "adv-train", "trace"}
+NOT_COVERED = {"concepts", "dissect", "subnet", "data convert", "decouple", "probe", "adv-train", "trace", "adv-detect"}
 # Valid runs left to the slow test: quickstart trains and routes the whole digits test set, and
 # train compiles a training step (the fixture's previous "train" output is the trained digits CNN).
 HEAVY_VALID = {"quickstart", "train"}

@@ -15,7 +15,7 @@ def cmd_localize(args):
     from jaxroute.explain.localize import localize
 
     methods = _methods(args.methods, "--methods")  # bad arguments fail before anything is loaded
-    configs = _configs(args)
+    configs = {m: c for m, c in _configs(args).items() if m in methods}  # options of methods not run: unused
     for name in ("n_train", "n_test", "batch_size"):
         v = getattr(args, name)
         if v is not None and v < 1:

@@ -67,10 +67,13 @@ def canvas_shape(model, image_hw: tuple[int, int]) -> tuple[int, int, int]:
     ``model`` accepts them; ValueError naming the model when it does not."""
     h, w = image_hw
     shape = (2 * h, 2 * w, model.input_shape[2])
-    try:
-        out = jax.eval_shape(lambda x: model.logits(x), jax.ShapeDtypeStruct((1, *shape), jnp.float32))
+    from flax.errors import FlaxError
+
+    try:  # traced on shapes only (the variables too, so a model with abstract variables can be checked)
+        out = jax.eval_shape(lambda v, x: model.with_variables(v).logits(x), model.variables,
+                             jax.ShapeDtypeStruct((1, *shape), jnp.float32))
         problem = None if tuple(out.shape) == (1, model.num_classes) else f"it returns logits of shape {out.shape}"
-    except Exception as e:  # any failure to trace is the model's refusal of the input size
+    except (TypeError, ValueError, FlaxError) as e:  # a layer refusing the input size (a Dense over a flattened map)
         problem = (str(e).strip().splitlines() or [type(e).__name__])[0]
     if problem:
         raise ValueError(f"model {model.name} cannot take the {shape[0]}x{shape[1]} paste-set canvases (a 2x2 "

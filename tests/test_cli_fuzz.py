@@ -52,6 +52,8 @@ VALID: dict[str, list[str]] = {
     "quickstart": ["quickstart", "--out", "<quick>", "--epochs", "1", "--no-progress"],
     "explain": ["explain", "--model", "digits_cnn", "--weights", "<ckpt>", "--limit", "8", "--method", "gradient",
                 "--batch-size", "4", "--out", "<explained>", "--no-progress"],
+    "localize": ["localize", "--model", "digits_cnn", "--weights", "<ckpt>", "--limit", "16", "--methods", "gradient",
+                 "--n-train", "2", "--n-test", "2", "--batch-size", "2"],
 }
 # Subcommands whose bad values this file does not cover yet (their valid runs need an image folder,
 # a concept data set or trained subnetworks); listed so that the coverage test names every other one.
@@ -77,7 +79,9 @@ STRING_CASES: dict[str, list[str]] = {
     "classifiers": ["nope", ""],
     "feature": ["nope", ""],
     "method": ["nope", "gradient,gradient", ""],   # explain: a comma-separated list of saliency methods
-    "subnets": ["<missing>", "<a_file>"],          # explain: a subnet output folder
+    "subnets": ["<missing>", "<a_file>"],          # explain, localize: a subnet output folder
+    "methods": ["nope", "gradient,gradient", ""],  # localize: a comma-separated list of saliency methods
+    "train_split": ["nope", ""],                   # localize: the split the alpha* canvases come from
 }
 # Arguments a value needs to be read at all (e.g. --prune-frac belongs to awr/aar).
 CONTEXT: dict[tuple[str, str], list[str]] = {

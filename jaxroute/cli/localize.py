@@ -20,6 +20,10 @@ def cmd_localize(args):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    if not args.train_split:
+        raise ValueError("--train-split must name a split of the data (e.g. train)")
     model = model_from_args(args, need_weights=True)
     subnets = class_gates(args.subnets, model) if args.subnets else None
     train = data_for(model, args, split=args.train_split).materialize()

@@ -72,10 +72,12 @@ VALID: dict[str, list[str]] = {
                   "--batch-size", "8", "--steps", "1", "--out", "<adv_trained_new>"],
     "trace": ["trace", "--model", "digits_cnn", "--weights", "<ckpt>", "--limit", "8", "--wordnet", "<wordnet>",
               "--point", "conv3", "--top", "1", "--batch-size", "8", "--out", "<traced>"],
+    "localize": ["localize", "--model", "digits_cnn", "--weights", "<ckpt>", "--limit", "16", "--methods", "gradient",
+                 "--n-train", "2", "--n-test", "2", "--batch-size", "2"],
 }
 # Subcommands whose bad values this file does not cover yet (their valid runs need an image folder,
 # a concept data set or trained subnetworks); listed so that the coverage test names every other one.
-NOT_COVERED: set[str] = set()
+NOT_COVERED = {"adv-detect"}
 # Valid runs left to the slow test: quickstart trains and routes the whole digits test set, and
 # train compiles a training step (the fixture's previous "train" output is the trained digits CNN).
 HEAVY_VALID = {"quickstart", "train", "dissect", "subnet", "decouple", "adv-train"}
@@ -102,13 +104,18 @@ STRING_CASES: dict[str, list[str]] = {
     "classifiers": ["nope", ""],
     "feature": ["nope", ""],
     "method": ["nope", "gradient,gradient", ""],   # explain: a comma-separated list of saliency methods
-    "subnets": ["<missing>", "<a_file>"],          # explain: a subnet output folder
+    "subnets": ["<missing>", "<a_file>"],          # explain, localize: a subnet output folder
+    "methods": ["nope", "gradient,gradient", ""],  # localize: a comma-separated list of saliency methods
+    "train_split": ["nope", ""],                   # localize: the split the alpha* canvases come from
     "ensemble": ["nope", "digits_cnn:<missing>", "resnet20:<ckpt>", "digits_cnn:<random_th>"],  # NAME:WEIGHTS
     "layer": ["nope", ""],
     "point": ["nope", ""],
     "test_split": ["nope", ""],
-    "train_split": ["nope"],                       # '' is valid: no Gaussian detector
     "milestones": ["a,b", "0.5,nan", "-0.5", "1.5", "0.75,0.5", ""],
+}
+# Per-subcommand malformed values where one value is valid for that subcommand only.
+COMMAND_STRING_CASES: dict[tuple[str, str], list[str]] = {
+    ("probe", "train_split"): ["nope"],           # '' leaves out the Gaussian detector
 }
 # Arguments a value needs to be read at all (e.g. --prune-frac belongs to awr/aar).
 CONTEXT: dict[tuple[str, str], list[str]] = {
@@ -166,8 +173,8 @@ def option_cases(cmd: str, a: argparse.Action) -> list[tuple[str, list[str]]]:
         cases += [("wrong-type", [opt, "abc"])] + [("non-finite", [opt, v]) for v in ("nan", "inf", "-inf")]
         if (cmd, dest) not in NEGATIVE_OK:
             cases.append(("negative", [opt, "-1"]))
-    elif dest in STRING_CASES:
-        cases += [("malformed", [opt, v]) for v in STRING_CASES[dest]]
+    elif (cmd, dest) in COMMAND_STRING_CASES or dest in STRING_CASES:
+        cases += [("malformed", [opt, v]) for v in COMMAND_STRING_CASES.get((cmd, dest), STRING_CASES.get(dest))]
     else:
         return [("UNCLASSIFIED", [opt])]
     return [(c, ctx + extra) for c, extra in cases]

@@ -7,14 +7,14 @@ from jaxroute.cli.common import add_data_args, add_model_args, data_for, log, mo
 METHOD_NAMES = ("gradient", "deconvnet", "guided_backprop", "grad_cam", "integrated_gradients", "smoothgrad")
 
 
-def _methods(text: str) -> list[str]:
+def _methods(text: str, flag: str = "--method") -> list[str]:
     methods = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHOD_NAMES]
     if unknown or not methods:
         raise ValueError(f"unknown saliency method(s) {', '.join(unknown) or repr(text)}; "
                          f"one or more of {', '.join(METHOD_NAMES)}")
     if len(set(methods)) != len(methods):
-        raise ValueError(f"--method names a method twice: {text}")
+        raise ValueError(f"{flag} names a method twice: {text}")
     return methods
 
 
@@ -29,6 +29,14 @@ def _configs(args) -> dict:
     if sg:
         configs["smoothgrad"] = SmoothGradConfig(**sg)
     return configs
+
+
+def add_config_args(s) -> None:
+    """The options of the methods' configs (read by :func:`_configs`)."""
+    s.add_argument("--ig-steps", type=int, default=None, help="integrated gradients: quadrature points (default 50)")
+    s.add_argument("--smoothgrad-samples", type=int, default=None, help="SmoothGrad: noisy copies (default 50)")
+    s.add_argument("--smoothgrad-sigma", type=float, default=None,
+                   help="SmoothGrad: noise std as a fraction of the [0, 1] pixel range (default 0.15)")
 
 
 def cmd_explain(args):
@@ -76,10 +84,7 @@ def add_parsers(sub) -> None:
     s.add_argument("--target", choices=("label", "pred"), default="label",
                    help="the class explained: the true label (default) or the full model's prediction")
     s.add_argument("--out", required=True, help="output directory: OUT/METHOD/SPLIT.npz and resumable shards")
-    s.add_argument("--ig-steps", type=int, default=None, help="integrated gradients: quadrature points (default 50)")
-    s.add_argument("--smoothgrad-samples", type=int, default=None, help="SmoothGrad: noisy copies (default 50)")
-    s.add_argument("--smoothgrad-sigma", type=float, default=None,
-                   help="SmoothGrad: noise std as a fraction of the [0, 1] pixel range (default 0.15)")
+    add_config_args(s)
     s.add_argument("--seed", type=int, default=0, help="SmoothGrad's PRNG seed (and random init without --weights)")
     s.add_argument("--batch-size", type=int, default=None,
                    help="images per device per batch (default 8 on a CPU, 64 on a GPU/TPU; IG and SmoothGrad "

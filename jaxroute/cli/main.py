@@ -401,7 +401,8 @@ def _defaults(config: str) -> dict:
 
 
 # Modules of jaxroute.cli with more subcommands; each has ``add_parsers(sub)`` (see jaxroute.cli.common).
-SUBCOMMAND_MODULES: tuple[str, ...] = ("dissection", "subnets", "data", "explain", "decouple", "probe")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("dissection", "subnets", "data", "explain", "decouple", "probe", "detectors",
+                                        "localize")
 
 
 def build_parser() -> argparse.ArgumentParser:

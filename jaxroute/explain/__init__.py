@@ -3,9 +3,11 @@
 Every method: ``method(model, gates, x, target, *, config=None, key=None) -> Explanation``
 (:mod:`jaxroute.explain.methods`); :data:`METHODS` lists them by name.
 :func:`explain_dataset` writes a data set's maps through the extraction job;
-:mod:`jaxroute.explain.localization` scores maps against boxes (weakly supervised localization).
+:mod:`jaxroute.explain.localization` scores maps against boxes (weakly supervised localization);
+:func:`localize` measures it on paste-set canvases, full weights vs class subnetworks.
 """
 from jaxroute.explain.job import explain_dataset, explanation_outputs, gather, class_gates
+from jaxroute.explain.localize import localize
 from jaxroute.explain.methods import (
     METHODS, Explanation, GradCAMConfig, GradientConfig, IGConfig, SmoothGradConfig, deconvnet, explain,
     grad_cam, grad_cam_layer, grad_cam_map, gradient, guided_backprop, integrated_gradients, method_config,
@@ -15,6 +17,6 @@ from jaxroute.explain.methods import (
 __all__ = [
     "METHODS", "Explanation", "GradCAMConfig", "GradientConfig", "IGConfig", "SmoothGradConfig", "deconvnet",
     "explain", "explain_dataset", "explanation_outputs", "gather", "grad_cam", "grad_cam_layer", "grad_cam_map",
-    "gradient", "guided_backprop", "integrated_gradients", "class_gates", "method_config", "saliency_map",
+    "gradient", "guided_backprop", "integrated_gradients", "class_gates", "localize", "method_config", "saliency_map",
     "smoothgrad", "smoothgrad_noise", "target_logit_grad",
 ]

@@ -74,13 +74,17 @@ VALID: dict[str, list[str]] = {
               "--point", "conv3", "--top", "1", "--batch-size", "8", "--out", "<traced>"],
     "localize": ["localize", "--model", "digits_cnn", "--weights", "<ckpt>", "--limit", "16", "--methods", "gradient",
                  "--n-train", "2", "--n-test", "2", "--batch-size", "2"],
+    # the protocol needs 40 selected images: DeepFool on 150 (the valid run is in the slow test)
+    "adv-detect": ["adv-detect", "--model", "digits_cnn", "--weights", "<ckpt>", "--limit", "150", "--train-limit",
+                   "500", "--attacks", "deepfool", "--detectors", "mahalanobis", "--eps", "0", "--out",
+                   "<adv_detected_new>"],
 }
 # Subcommands whose bad values this file does not cover yet (their valid runs need an image folder,
 # a concept data set or trained subnetworks); listed so that the coverage test names every other one.
-NOT_COVERED = {"adv-detect"}
+NOT_COVERED: set[str] = set()
 # Valid runs left to the slow test: quickstart trains and routes the whole digits test set, and
 # train compiles a training step (the fixture's previous "train" output is the trained digits CNN).
-HEAVY_VALID = {"quickstart", "train", "dissect", "subnet", "decouple", "adv-train"}
+HEAVY_VALID = {"quickstart", "train", "dissect", "subnet", "decouple", "adv-train", "adv-detect"}
 
 INPUT_PATHS = {"weights", "data", "train_real", "train_adv", "test_real", "test_adv", "color_table", "concepts",
                "adv", "wordnet"}
@@ -111,11 +115,15 @@ STRING_CASES: dict[str, list[str]] = {
     "layer": ["nope", ""],
     "point": ["nope", ""],
     "test_split": ["nope", ""],
-    "milestones": ["a,b", "0.5,nan", "-0.5", "1.5", "0.75,0.5", ""],
+    "milestones": ["a,b", "0.5,nan", "-0.5", "1.5", "0.75,0.5"],  # decouple; "" is valid: no lr drops
 }
 # Per-subcommand malformed values where one value is valid for that subcommand only.
 COMMAND_STRING_CASES: dict[tuple[str, str], list[str]] = {
     ("probe", "train_split"): ["nope"],           # '' leaves out the Gaussian detector
+    ("adv-detect", "eps"): ["a", "0,nan", "-0.1", "inf", ""],   # Mahalanobis noise magnitudes
+    ("adv-detect", "lid_k"): ["a", "0", "1.5", ""],
+    ("adv-detect", "attacks"): ["nope", "fgsm,nope", ""],
+    ("adv-detect", "detectors"): ["nope", ""],
 }
 # Arguments a value needs to be read at all (e.g. --prune-frac belongs to awr/aar).
 CONTEXT: dict[tuple[str, str], list[str]] = {
@@ -129,6 +137,10 @@ CONTEXT: dict[tuple[str, str], list[str]] = {
     ("attack", "ensemble"): ["--method", "ensemble"],
     ("dissect", "eps"): ["--attack", "fgsm"],
     ("probe", "train_limit"): ["--train-split", "train"],
+    ("adv-detect", "lid_k"): ["--detectors", "lid"],
+    ("adv-detect", "bandwidth"): ["--detectors", "kd_pu"],
+    ("adv-detect", "pu_passes"): ["--detectors", "kd_pu"],
+    ("adv-detect", "subnets"): ["--detectors", "subnet"],
 }
 # Finished outputs of the valid runs: byte-identical after every failing case.
 FINISHED = ("routes", "adv", "trained", "converted", "routes_bad_shard", "routes_bad_manifest", "explained",
@@ -329,7 +341,7 @@ def ctx(digits_ckpt, tmp_path_factory):
     import jax
     from jaxroute.weights import save_model
 
-    for k in ("concepts_new", "records_new", "decoupled_new", "adv_trained_new", "dissected", "subnets", "probed",
+    for k in ("concepts_new", "records_new", "decoupled_new", "adv_trained_new", "adv_detected_new", "dissected", "subnets", "probed",
               "traced"):
         c[k] = root / k
     for cls in ("cat", "dog"):

@@ -105,11 +105,19 @@ def data_for(model, args, split=None, stream: bool = False):
     """The data set the arguments name, checked against the model."""
     from jaxroute.models.gated import check_dataset_fits
 
-    pre = preprocess_from_args(model.name, model.input_shape, args)
+    ds = data_for_input(model.name, model.input_shape, args, split, stream)
+    check_dataset_fits(model, ds)
+    return ds
+
+
+def data_for_input(model_name: str, input_shape, args, split=None, stream: bool = False):
+    """The data set the arguments name, preprocessed for architecture ``model_name`` with input
+    ``input_shape``; not yet checked against a model (commands whose model is costly to build
+    load the data first, so that bad data arguments fail at once)."""
+    pre = preprocess_from_args(model_name, input_shape, args)
     ds = dataset_from_args(args, split, stream=stream, preprocess=pre)
     explicit = getattr(args, "resize", None) is not None or getattr(args, "crop", None) is not None
     if explicit and (ds.info or {}).get("preprocess") != pre.to_json():
         raise ValueError(f"--resize/--crop apply to image folders and tfds data; {args.data!r} holds images "
                          "that are already preprocessed or arrays")
-    check_dataset_fits(model, ds)
     return ds

@@ -6,7 +6,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from jaxroute.cli.common import add_data_args, check_new_output, data_for, log
+from jaxroute.cli.common import add_data_args, check_new_output, data_for_input, log
 
 
 def _fractions(text: str) -> tuple[float, ...]:
@@ -52,6 +52,8 @@ def cmd_decouple(args):
     import jax
 
     from jaxroute.decoupling.model import check_decouple_model, decoupled_model, save_decoupled
+    from jaxroute.models.gated import check_dataset_fits
+    from jaxroute.models.registry import model_card
     from jaxroute.weights.checkpoint import META_FILE
     from jaxroute.decoupling.train import PROGRESS_FILE, DecoupleConfig, evaluate, train_decoupled
 
@@ -72,10 +74,14 @@ def cmd_decouple(args):
                                   "(pass --overwrite to replace it)")
     else:
         check_new_output(out, False)
+    # the data first: initialising the controllers compiles, and bad data arguments should fail at once
+    shape = model_card(args.model).input_shape
+    train = data_for_input(args.model, shape, args)
+    test = data_for_input(args.model, shape, args, split=args.test_split)
     model = decoupled_model(args.model, args.weights, key=jax.random.key(args.seed),
                             reduction=args.reduction, semhash=args.semhash)
-    train = data_for(model, args)
-    test = data_for(model, args, split=args.test_split)
+    check_dataset_fits(model, train)
+    check_dataset_fits(model, test)
     variables, history = train_decoupled(model, train, out, config, log=log)
     model = model.with_variables(variables)
     res = evaluate(model, test)

@@ -100,6 +100,13 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
         raise ValueError(f"{flag} must be comma-separated numbers, got {text!r}") from None
 
 
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated integers, got {text!r}") from None
+
+
 def cmd_adv_detect(args):
     import jax
     import numpy as np
@@ -121,6 +128,16 @@ def cmd_adv_detect(args):
     for name in ("runs", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.train_limit is not None and args.train_limit < 1:
+        raise ValueError(f"--train-limit must be >= 1, got {args.train_limit}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    # the detectors' settings are checked before any feature or attack is computed
+    mcfg = (MahalanobisConfig(**({"epsilons": _floats(args.eps, "--eps")} if args.eps is not None else {}))
+            if "mahalanobis" in detectors else None)
+    lcfg = (LIDConfig(drop_first=args.lid_rule, **({"ks": _ints(args.lid_k, "--lid-k")} if args.lid_k is not None else {}))
+            if "lid" in detectors else None)
+    kcfg = KDPUConfig(bandwidth=args.bandwidth, passes=args.pu_passes) if "kd_pu" in detectors else None
     out = check_writable_dir(args.out)
     model = model_from_args(args, need_weights=True)
     test = data_for(model, args)
@@ -172,7 +189,6 @@ def cmd_adv_detect(args):
 
     chars: dict = {d: {} for d in detectors}
     if "mahalanobis" in detectors:
-        mcfg = MahalanobisConfig(**({"epsilons": _floats(args.eps, "--eps")} if args.eps else {}))
         scorer = MahalanobisScorer(model, points, mcfg, batch_size=args.batch_size)
         scorer.fit(load_features(feats["train"], points), feats["train"]["label"])
         for a in attacks:
@@ -183,8 +199,6 @@ def cmd_adv_detect(args):
             chars["mahalanobis"][a] = {f"eps={e:g}": (s["adv"][:, :, k], s["clean"][:, :, k], s["noisy"][:, :, k])
                                        for k, e in enumerate(mcfg.epsilons)}
     if "lid" in detectors:
-        lcfg = LIDConfig(drop_first=args.lid_rule,
-                         **({"ks": tuple(int(k) for k in _floats(args.lid_k, "--lid-k"))} if args.lid_k else {}))
         for a in attacks:
             i = sel[a]
 
@@ -197,7 +211,6 @@ def cmd_adv_detect(args):
             chars["lid"][a] = {f"k={k}": (s["adv"][:, :, j], s["clean"][:, :, j], s["noisy"][:, :, j])
                                for j, k in enumerate(lcfg.ks)}
     if "kd_pu" in detectors:
-        kcfg = KDPUConfig(bandwidth=args.bandwidth, passes=args.pu_passes)
         kd = KernelDensity(kcfg.bandwidth).fit(feats["train"]["penultimate"], feats["train"]["label"])
         key = jax.random.key(args.seed + 1)
         for a in attacks:

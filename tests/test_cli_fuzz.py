@@ -354,9 +354,17 @@ def ctx(digits_ckpt, tmp_path_factory):
     np.save(c["color_table"], rng.integers(0, 11, (32, 32, 32)).astype(np.uint8))
     c["concepts"] = root / "concepts"
     assert main(resolve(VALID["concepts"], c) + ["--out", str(c["concepts"])]) == 0
+    # random resnet20 weights drawn in numpy on the abstract variables: jitting its init costs ~10 CPU s
+    from jaxroute.models.meta import default_meta
+    from jaxroute.models.registry import create_model
+    from jaxroute.weights.loader import abstract_variables
+
     c["r20_ckpt"] = root / "r20"
-    r20 = load_model("resnet20", None, key=jax.random.key(0))
-    save_model(c["r20_ckpt"], r20.variables, r20.meta)
+    meta = default_meta("resnet20", source="random-init")
+    shapes = abstract_variables(create_model("resnet20", **meta.module_overrides()), meta.input_shape)
+    save_model(c["r20_ckpt"], jax.tree_util.tree_map_with_path(
+        lambda p, a: np.ones(a.shape, a.dtype) if "var" in jax.tree_util.keystr(p)    # BN running variances
+        else rng.normal(0, 0.1, a.shape).astype(a.dtype), shapes), meta)
     c["wordnet"] = root / "wordnet"
     c["wordnet"].mkdir()
     wnid = {str(i): f"n{i:08d}" for i in range(10)}

@@ -10,8 +10,9 @@ occurrence of an option wins in argparse, so only that value is wrong.
 Bad-value classes: missing path, unwritable path (a path under a regular file, the file
 itself, and -- when not root, where permission bits do not stop writes -- a read-only
 folder), wrong type (argparse: exit 2 with its usage lines and one error line), NaN/inf/
-negative numbers, wrong model/weights pairing, corrupt files (random-bytes ``.th``, a
-truncated ``.npz``, damaged checkpoints and shards).  The outputs the previous valid runs
+negative numbers, wrong model/weights pairing, corrupt files (random-bytes ``.th``,
+truncated ``.npz`` data and adversarial sets, damaged checkpoints, shards, colour tables, concept sets and
+WordNet files).  The outputs the previous valid runs
 wrote into the same ``--out`` folders must be byte-identical afterwards.
 """
 from __future__ import annotations
@@ -79,11 +80,12 @@ VALID: dict[str, list[str]] = {
                    "500", "--attacks", "deepfool", "--detectors", "mahalanobis", "--eps", "0", "--out",
                    "<adv_detected_new>"],
 }
-# Subcommands whose bad values this file does not cover yet (their valid runs need an image folder,
-# a concept data set or trained subnetworks); listed so that the coverage test names every other one.
+# Subcommands whose bad values this file does not cover (none); listed so that the coverage test names
+# every other one.
 NOT_COVERED: set[str] = set()
-# Valid runs left to the slow test: quickstart trains and routes the whole digits test set, and
-# train compiles a training step (the fixture's previous "train" output is the trained digits CNN).
+# Valid runs left to the slow test: quickstart trains and routes the whole digits test set; train,
+# subnet, decouple and adv-train compile training steps (the fixture's previous "train" output is the
+# trained digits CNN); dissect compiles resnet20; adv-detect attacks 150 images.
 HEAVY_VALID = {"quickstart", "train", "dissect", "subnet", "decouple", "adv-train", "adv-detect"}
 
 INPUT_PATHS = {"weights", "data", "train_real", "train_adv", "test_real", "test_adv", "color_table", "concepts",

@@ -134,6 +134,7 @@ def test_one_calling_shape_config_only_by_keyword():
             np.testing.assert_array_equal(r.success, np.asarray(r.adv_pred) == t, err_msg=name)
 
 
+@pytest.mark.slow
 def test_deterministic_attacks_ignore_the_key():
     f, _, _ = toy_linear()
     x = toy_images()
@@ -377,6 +378,7 @@ def test_deepfool_digits(fd, dd):
     assert float(np.mean(r.l2)) < 0.6 * float(np.mean(fgsm.l2))
 
 
+@pytest.mark.slow
 def test_cw_digits(fd, dd):
     x, y = dd
     cfg = attacks.CWConfig(initial_c=10.0, steps=100, binary_search_steps=4, lr=0.05)
@@ -519,6 +521,7 @@ def test_bim_dgr_paper_setting(f20, data16):
                                   tgt[np.asarray(targeted.success)])
 
 
+@pytest.mark.slow
 def test_pgd_linf_l2(f20, data16):
     x, y = data16
     key = jax.random.key(0)
@@ -536,6 +539,7 @@ def test_pgd_linf_l2(f20, data16):
     assert float(l2.adv.min()) >= 0 and float(l2.adv.max()) <= 1
 
 
+@pytest.mark.slow
 def test_jit_and_make_attack_match_eager(f20, data16):
     x, y = data16
     cfg = attacks.BIMConfig(eps=0.01, steps=3)
@@ -770,6 +774,7 @@ def test_fgsm_matches_torchattacks(torch_side, f20, data32):
         assert d.mean() <= 5e-4, f"FGSM {name}: {d.mean():.2e} of values differ ({d.sum()} of {d.size})"
 
 
+@pytest.mark.slow
 def test_bim_matches_torchattacks(torch_side, f20, data32):
     """Iterative FGSM equals torchattacks' BIM step by step.
 

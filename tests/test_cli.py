@@ -28,6 +28,7 @@ def test_info_lists_models_and_layout(capsys):
     assert info["cdrp_size"] == 688 and info["gate_points"] == 19
 
 
+@pytest.mark.slow
 def test_train_then_eval_digits(tmp_path, capsys):
     out = tmp_path / "d"
     assert main(["train", "--model", "digits_cnn", "--out", str(out), "--epochs", "20", "--no-progress",

@@ -129,7 +129,7 @@ def test_imagefolder_labels_order_and_pixels(folder, tmp_path):
 def test_imagefolder_limit_decodes_only_the_prefix(folder, tmp_path, monkeypatch):
     calls = []
     real = imagefolder_mod._decode_one
-    monkeypatch.setattr(imagefolder_mod, "_decode_one", lambda p: calls.append(Path(p).name) or real(p))
+    monkeypatch.setattr(imagefolder_mod, "_decode_one", lambda p, *a: calls.append(Path(p).name) or real(p, *a))
     ds = load_dataset(folder, "test", limit=4, cache_dir=tmp_path / "cache")
     np.testing.assert_array_equal(ds.labels, [0, 1, 2, 0])
     assert sorted(calls) == sorted(n for _, n in EXPECTED_ORDER[:4])

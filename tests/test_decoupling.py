@@ -221,6 +221,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(digits_dec, digits_data, t
     assert (tmp_path / "r" / "train_state" / "epoch_00001").is_dir()
 
 
+@pytest.mark.slow
 def test_cli_run_reports_the_keys(tmp_path, capsys):
     from jaxroute.cli.main import main
 

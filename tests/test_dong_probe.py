@@ -285,6 +285,7 @@ def digit_wordnet(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 def test_probe_and_trace_cli_on_digits(digits_ckpt, digit_wordnet, tmp_path, capsys):
     adv = tmp_path / "adv"
     assert main(["attack", "--model", "digits_cnn", "--weights", str(digits_ckpt), "--data", "digits", "--limit",

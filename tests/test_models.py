@@ -307,7 +307,7 @@ def test_block_placement_gates_only_block_outputs(name):
 @pytest.mark.parametrize("name", ["vgg16", "vgg16_bn_cifar", "alexnet", "digits_cnn"])
 def test_block_placement_only_for_residual_networks(name):
     x = jnp.zeros((1, *TEST_SHAPES[name]), jnp.float32)
-    with pytest.raises(ValueError, match=r"gate_placement must be one of \('post_act', 'conv'\)"):
+    with pytest.raises(ValueError, match=r"gate_placement must be one of \('post_act', 'conv'(, 'decouple')?\)"):
         create_model(name, gate_placement="block").init(jax.random.key(0), x)
 
 

@@ -532,6 +532,7 @@ def test_optimizer_is_swappable(resnet20, images):
     assert np.all(np.asarray(adam.gated_pred) == np.asarray(adam.pred))
 
 
+@pytest.mark.slow
 def test_awr_aar_keep_prediction_and_prune(resnet20, images):
     x, _ = images
     spec = resnet20.spec

@@ -57,6 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxroute.models.gates import check_gates
+from jaxroute.utils.registry import registry_config
 
 
 class Explanation(NamedTuple):
@@ -312,14 +313,7 @@ NEEDS_KEY = ("smoothgrad",)
 
 def method_config(method: str, config=None):
     """The config of ``method``: ``config`` itself (checked), or the defaults."""
-    if method not in METHODS:
-        raise ValueError(f"unknown saliency method {method!r}; one of {sorted(METHODS)}")
-    cls = METHODS[method][1]
-    if config is None:
-        return cls()
-    if not isinstance(config, cls):
-        raise TypeError(f"method {method!r} takes a {cls.__name__}, got {type(config).__name__}")
-    return config
+    return registry_config(METHODS, method, config, "saliency method")
 
 
 def explain(model, gates, x, target, *, method: str, config=None, key=None) -> Explanation:

@@ -26,6 +26,7 @@ from jaxroute.routing.metrics import routing_metrics
 from jaxroute.routing.pruning import PruneConfig, aar_route, awr_route
 from jaxroute.utils.conv_grads import loop_friendly
 from jaxroute.utils.io import atomic_write_text
+from jaxroute.utils.registry import registry_config
 
 # name -> (router, its config class); every router: router(model, x, *, config) -> Route
 ROUTERS: dict[str, tuple[Callable, type]] = {
@@ -38,14 +39,7 @@ SUMMARY = "summary.json"
 
 def router_config(method: str, config=None):
     """The config of router ``method``: ``config`` itself (checked), or the defaults."""
-    if method not in ROUTERS:
-        raise ValueError(f"unknown routing method {method!r}; one of {sorted(ROUTERS)}")
-    cls = ROUTERS[method][1]
-    if config is None:
-        return cls()
-    if not isinstance(config, cls):
-        raise TypeError(f"method {method!r} takes a {cls.__name__}, got {type(config).__name__}")
-    return config
+    return registry_config(ROUTERS, method, config, "routing method")
 
 
 def route_outputs(model, method: str = "dgr", config=None, momentum_from: np.ndarray | None = None) -> Callable:

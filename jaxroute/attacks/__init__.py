@@ -36,6 +36,7 @@ from jaxroute.attacks.dataset import ATTACK_TARGETS, attack_dataset
 from jaxroute.attacks.deepfool import DeepFoolConfig, deepfool
 from jaxroute.attacks.ensemble import EnsembleConfig, ensemble_attack, least_likely
 from jaxroute.attacks.gradient import BIMConfig, FGSMConfig, PGDConfig, bim, fgsm, pgd
+from jaxroute.utils.registry import registry_config
 
 ATTACKS: dict[str, tuple[Callable, type]] = {
     "fgsm": (fgsm, FGSMConfig),
@@ -55,8 +56,7 @@ def make_attack(name: str, f: LogitsFn | tuple, jit: bool = True, **config) -> C
     compiled once per input shape; images are value-checked eagerly before
     the jitted call (inside ``jit`` only shapes are).
     """
-    if name not in ATTACKS:
-        raise ValueError(f"unknown attack {name!r}; known: {sorted(ATTACKS)}")
+    registry_config(ATTACKS, name, None, "attack")  # an unknown name: the error every registry gives
     fn, cls = ATTACKS[name]
     core = functools.partial(fn, f, config=cls(**config))
     run = jax.jit(core) if jit else core

@@ -13,7 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxroute.attacks.ensemble import mean_probability
 from jaxroute.utils.devices import map_batches
+from jaxroute.utils.registry import registry_config
 
 ATTACK_TARGETS = ("none", "random", "least_likely")
 
@@ -23,7 +25,7 @@ def _clean_logits(f):
     if callable(f):
         return f
     fs = tuple(f)
-    return lambda x: jnp.log(sum(jax.nn.softmax(g(x).astype(jnp.float32), -1) for g in fs) / len(fs))
+    return lambda x: jnp.log(mean_probability(fs, x))
 
 
 def attack_dataset(f, images, labels, *, attack: str, config=None, targets: str | Sequence[int] = "none",
@@ -46,12 +48,8 @@ def attack_dataset(f, images, labels, *, attack: str, config=None, targets: str 
     """
     from jaxroute.attacks import ATTACKS
 
-    if attack not in ATTACKS:
-        raise ValueError(f"unknown attack {attack!r}; known: {sorted(ATTACKS)}")
-    fn, cls = ATTACKS[attack]
-    config = cls() if config is None else config
-    if not isinstance(config, cls):
-        raise TypeError(f"attack {attack!r} takes a {cls.__name__}, got {type(config).__name__}")
+    config = registry_config(ATTACKS, attack, config, "attack")
+    fn = ATTACKS[attack][0]
     images, labels = np.asarray(images), np.asarray(labels)
     if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"need one integer label per image: {len(images)} images, labels {labels.shape} "

@@ -62,10 +62,14 @@ class EnsembleConfig:
         check_nonnegative(self.lam, "lam")
 
 
+def mean_probability(logits_fns: Sequence[LogitsFn], x: jax.Array) -> jax.Array:
+    """(B, K) the ensemble's average softmax probability (float32)."""
+    return sum(jax.nn.softmax(f(x).astype(jnp.float32), axis=-1) for f in logits_fns) / len(logits_fns)
+
+
 def least_likely(logits_fns: Sequence[LogitsFn], x: jax.Array, k: int = 1) -> jax.Array:
     """(B, k) the k classes with the lowest average ensemble probability, least likely first."""
-    p = sum(jax.nn.softmax(f(x).astype(jnp.float32), axis=-1) for f in logits_fns) / len(logits_fns)
-    return jnp.argsort(p, axis=-1)[:, :k].astype(jnp.int32)
+    return jnp.argsort(mean_probability(logits_fns, x), axis=-1)[:, :k].astype(jnp.int32)
 
 
 def ensemble_attack(logits_fns: Sequence[LogitsFn] | LogitsFn, x: jax.Array, *,

@@ -1,4 +1,4 @@
-"""Registries by name: ``{name: (function, its config class)}`` (routers, saliency methods)."""
+"""Registries by name: ``{name: (function, its config class)}`` (attacks, routers, saliency methods)."""
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -15,5 +15,5 @@ def registry_config(registry: Mapping[str, tuple[Any, type]], name: str, config=
     if config is None:
         return cls()
     if not isinstance(config, cls):
-        raise TypeError(f"method {name!r} takes a {cls.__name__}, got {type(config).__name__}")
+        raise TypeError(f"{what} {name!r} takes a {cls.__name__}, got {type(config).__name__}")
     return config

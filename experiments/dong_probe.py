@@ -198,10 +198,55 @@ def run(cfg: Config, out: Path, log=print) -> dict:
         order = np.argsort(-counts, kind="stable")[:8]
         res["trace"][tag] = {"n": n, "pd_mean": float(tr["pd"].mean()),
                              "top_neuron_counts": {str(int(i)): int(counts[i]) for i in order}}
+
+    # Fig. 2 / 7 / 10: what the neurons' top real and top adversarial images look like
+    figs = {"resnet20": ("fig2", models["resnet20"]), "resnet32": ("fig2", models["resnet32"]),
+            "resnet20_adv": ("fig7", adv_model)}
+    res["grids"] = {}
+    for tag, (fig, model) in figs.items():
+        traced = [int(i) for i in res["trace"].get(tag, {}).get("top_neuron_counts", {})][:4]
+        res["grids"][tag] = _neuron_grids(model, tag, test, adv, corr[1.0], cfg, out, fig, traced)
     atomic_write_json(out / "dong.json", res)
     atomic_write_text(out / "README.md", report(res))
     log(f"wrote {out / 'README.md'}")
     return res
+
+
+def _neuron_grids(model, tag, test, adv, corr, cfg, out: Path, fig: str, traced: list[int], rows: int = 8,
+                  per_side: int = 6) -> dict:
+    """Top real / top adversarial images of the ``rows`` most label-consistent neurons at ``cfg.point``.
+
+    Fig. 2 (7 after adversarial training) of the paper shows hand-picked neurons;
+    here the choice is mechanical: the ``rows`` channels with the highest LC
+    (ties by channel index).  ``traced`` channels (the most frequent top-PD
+    neurons) get their own figure, ``fig10_<tag>.png``.
+    """
+    from jaxroute.analysis.neurons import neuron_scores
+    from jaxroute.analysis.plots import plot_neuron_tops
+    from jaxroute.analysis.probe import responses
+
+    names = list(test.class_names)
+    off = model.spec.offsets[model.spec.names.index(cfg.point)]
+    c = dict(model.spec)[cfg.point]
+    real = responses(model, test.images, point=cfg.point, batch_size=cfg.batch_size)["stats"][:, off:off + c]
+    fake = responses(model, adv["images"], point=cfg.point, batch_size=cfg.batch_size)["stats"][:, off:off + c]
+    ns = neuron_scores(real, test.labels, fake, adv["labels"], adv["target"], corr.astype(np.float32),
+                       top_frac=cfg.top_frac)
+    lc, cs1, cs2 = (np.asarray(a) for a in (ns.lc, ns.cs1, ns.cs2))
+    written = {}
+    for name, chosen in ((fig, np.argsort(-lc, kind="stable")[:rows]), ("fig10", np.asarray(traced, int))):
+        if len(chosen) == 0:
+            continue
+        rt = np.argsort(-real[:, chosen], axis=0, kind="stable")[:per_side].T
+        at = np.argsort(-fake[:, chosen], axis=0, kind="stable")[:per_side].T
+        caps = [[f"{names[adv['labels'][j]][:5]}→{names[adv['target'][j]][:5]}" for j in row] for row in at]
+        labels = [f"ch {i}  LC {lc[i]:.2f}\nCS1 {cs1[i]:.2f} CS2 {cs2[i]:.2f}" for i in chosen]
+        path = out / f"{name}_{tag}.png"
+        what = "most frequent top-2 PD neurons" if name == "fig10" else f"{rows} highest-LC neurons"
+        plot_neuron_tops(np.asarray(test.images), rt, adv["images"], at, path, row_labels=labels,
+                         adv_captions=caps, title=f"{tag} {cfg.point}: {what}")
+        written[name] = {"file": path.name, "channels": [int(i) for i in chosen]}
+    return written
 
 
 def _probe_pooled(model, test, adv, corr, train, cfg):
@@ -247,6 +292,36 @@ def _signed(v) -> str:
     return "n/a" if v is None or v != v else f"{v:+.3f}"
 
 
+def _shape_lines(res: dict) -> list[str]:
+    """The paper's qualitative claims, each checked on this run's numbers."""
+    pt = res["config"]["point"]
+    yes = lambda ok: "yes" if ok else "**no**"
+    out = []
+    for tag, p in res["probe"].items():
+        s = p[pt]
+        r1, r2, c1, c2 = s["r1_mean"], s["r2_mean"], s["spearman_lc_cs1"], s["spearman_lc_cs2"]
+        if tag.endswith("_adv"):
+            base = res["probe"][tag[:-len("_adv")]][pt]
+            out.append(f"- {tag}: r1 closer to 1 than before ({r1:.3f} vs {base['r1_mean']:.3f}): "
+                       f"{yes(abs(r1 - 1) < abs(base['r1_mean'] - 1))}; r2 closer to 1 ({r2:.3f} vs "
+                       f"{base['r2_mean']:.3f}): {yes(abs(r2 - 1) < abs(base['r2_mean'] - 1))}; CS1 higher than "
+                       f"before ({s['cs1_mean']:.3f} vs {base['cs1_mean']:.3f}): {yes(s['cs1_mean'] > base['cs1_mean'])}")
+        else:
+            out.append(f"- {tag}: r1 > 1 ({r1:.3f}): {yes(r1 > 1)}; r2 < 1 ({r2:.3f}): {yes(r2 < 1)}; "
+                       f"CS1 falls with LC (ρ {_signed(c1)}): {yes(c1 is not None and c1 < 0)}; "
+                       f"CS2 rises with LC (ρ {_signed(c2)}): {yes(c2 is not None and c2 > 0)}")
+    t = res.get("table", {})
+    if "resnet20" in t and "resnet20_adv" in t:
+        a, b = t["resnet20"], t["resnet20_adv"]
+        for key, what in (("adv_transfer", "the saved adversarial set"), ("fgs_1", "FGS ε=1/255"),
+                          ("fgs_5", "FGS ε=5/255")):
+            out.append(f"- resnet20_adv beats resnet20 on {what} (top-1 {b[key]['top1']:.4f} vs "
+                       f"{a[key]['top1']:.4f}): {yes(b[key]['top1'] > a[key]['top1'])}")
+        out.append(f"- clean top-1 change from fine-tuning: {b['clean']['top1'] - a['clean']['top1']:+.4f} "
+                   "(paper: -0.0214)")
+    return out
+
+
 def report(res: dict) -> str:
     a = res["attack"]
     lines = [
@@ -272,6 +347,7 @@ def report(res: dict) -> str:
                      f"{g['r2_mean']:.3f} | {g['gaussian_auc']:.3f} |")
     lines += ["", f"Paper (AlexNet / VGG-16 / ResNet-18): r1 {PAPER['r1']}, r2 {PAPER['r2']}, AUC {PAPER['auc']}; "
               f"after adversarial training r1 {PAPER['r1_adv']}, r2 {PAPER['r2_adv']}.", "",
+              "Shape against the paper (measured here, at layer3.2):", ""] + _shape_lines(res) + ["",
               "## Adversarial training (Appendix Tables 1-2), top-1 / top-5", "",
               "| model | clean | adversarial set (transfer) | FGS ε=1/255 | FGS ε=5/255 | white-box vs -Adv |",
               "|---|---:|---:|---:|---:|---:|"]
@@ -284,6 +360,14 @@ def report(res: dict) -> str:
     for tag, t in res.get("trace", {}).items():
         lines.append(f"- {tag} ({t['n']} test images, mean PD {t['pd_mean']:.3g}): "
                      + ", ".join(f"channel {i} ({c})" for i, c in t["top_neuron_counts"].items()))
+    if res.get("grids"):
+        lines += ["", "## Top real vs top adversarial images (Fig. 2, 7, 10)", "",
+                  "Each row: a layer3.2 channel's 6 top real test images, then its 6 top adversarial images "
+                  "(caption: original → target class). Rows of fig2/fig7: the 8 channels of highest LC; "
+                  "rows of fig10: the most frequent top-2 PD neurons.", ""]
+        for tag, g in res["grids"].items():
+            lines += [f"- {tag}: " + ", ".join(f"[{v['file']}]({v['file']}) (channels {v['channels']})"
+                                              for v in g.values())]
     lines += ["", "## CIFAR-10 substitutes and choices", "",
               "- Ensemble = the shared ResNet-20 + ResNet-32; 10 classes give k = 9 targets per image.",
               "- WordNet distances as shipped (cat-dog = 2 through 'domestic animal'); σ = 1 (paper) and σ = 3.",

@@ -360,3 +360,23 @@ def test_pd_closed_form_on_the_pretrained_resnet20(resnet20, cifar10_sample, sha
     closed = np.asarray(prediction_difference_linear_head(cap.features, linear_head_kernel(resnet20), cap.logits, c))
     assert pd.shape == (4, 64) and pd.min() >= 0
     np.testing.assert_allclose(pd, closed, atol=1e-5)
+
+
+def test_adv_train_cli_writes_a_model_resumes_and_refuses_other_settings(digits_ckpt, tmp_path, capsys):
+    out = tmp_path / "advtrain"
+    argv = ["adv-train", "--model", "digits_cnn", "--weights", str(digits_ckpt), "--data", "digits", "--limit",
+            "100", "--steps", "2", "--batch-size", "50", "--out", str(out), "--json"]
+    assert main([*argv, "--epochs", "1"]) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert first["epochs"] == 1 and 0 <= first["clean_top1"] <= first["clean_top5"] <= 1
+    assert np.isfinite(first["loss"]) and first["consistency"] >= 0
+    assert main([*argv, "--epochs", "1"]) == 0  # the finished run is read back, not trained again
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again == first
+    # the cosine schedule spans all epochs: another epoch count is another run
+    assert main([*argv, "--epochs", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "other settings" in err[0], err
+    assert main(["eval", "--model", "digits_cnn", "--weights", first["weights"], "--data", "digits", "--limit", "50",
+                 "--json"]) == 0
+    assert "top1" in capsys.readouterr().out

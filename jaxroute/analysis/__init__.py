@@ -6,7 +6,8 @@ from jaxroute.analysis.layers import (
     depth_trend, embed_layers, layer_clustering_scores, neighbour_fraction, split_layers,
 )
 from jaxroute.analysis.paths import class_paths_from, dense, path_stats
-from jaxroute.analysis.plots import plot_clusters, plot_correlations, plot_embeddings, plot_layer_scores
+from jaxroute.analysis.plots import (plot_clusters, plot_correlations, plot_embeddings, plot_layer_scores,
+                                     plot_neuron_tops)
 from jaxroute.analysis.wordnet import choose_pairs, correlation_matrix, wordnet_distances
 
 __all__ = [
@@ -14,5 +15,5 @@ __all__ = [
     "cluster_class", "cluster_summary", "correlation_matrix", "dense", "depth_trend", "derangement",
     "embed_layers", "layer_clustering_scores", "layer_correlations", "neighbour_fraction", "path_stats",
     "per_class_counts", "plot_clusters", "plot_correlations", "plot_embeddings", "plot_layer_scores",
-    "rowwise_corr", "split_layers", "wordnet_distances",
+    "plot_neuron_tops", "rowwise_corr", "split_layers", "wordnet_distances",
 ]

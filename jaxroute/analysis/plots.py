@@ -168,3 +168,48 @@ def plot_correlations(corrs: dict[str, dict[str, np.ndarray]], spec: GateSpec, p
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
+
+
+def plot_neuron_tops(real_images: np.ndarray, real_top: np.ndarray, adv_images: np.ndarray, adv_top: np.ndarray,
+                     path, *, row_labels: list[str], adv_captions: list[list[str]] | None = None,
+                     title: str = "", dpi: int = 80) -> None:
+    """One row per neuron: its top real images, a gap, then its top adversarial images (Dong et al. Fig. 2/7).
+
+    ``real_top`` (R, a) and ``adv_top`` (R, b) index ``real_images`` and
+    ``adv_images`` (images in [0, 1], NHWC); ``row_labels`` one text per row;
+    ``adv_captions`` an optional caption per adversarial image (e.g.
+    "cat→truck", original class → target).
+    """
+    from matplotlib.figure import Figure
+
+    real_top, adv_top = np.asarray(real_top), np.asarray(adv_top)
+    rows, a = real_top.shape
+    b = adv_top.shape[1]
+    if adv_top.shape[0] != rows or len(row_labels) != rows:
+        raise ValueError(f"need one row of real tops, adversarial tops and a label per neuron, got {rows}, "
+                         f"{adv_top.shape[0]} and {len(row_labels)}")
+    cols = a + 1 + b  # one empty column between the real and the adversarial images
+    fig = Figure(figsize=(cols * 0.8 + 1.6, rows * 0.95 + 0.6))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for r in range(rows):
+        for c in range(cols):
+            ax = axes[r, c]
+            ax.set_axis_off()
+            if c == a:
+                continue
+            adv = c > a
+            j = c - a - 1 if adv else c
+            im = (adv_images if adv else real_images)[(adv_top if adv else real_top)[r, j]]
+            ax.imshow(np.clip(im.squeeze(), 0, 1), cmap="gray" if im.shape[-1] == 1 else None, vmin=0, vmax=1,
+                      interpolation="nearest")
+            if adv and adv_captions is not None:
+                ax.set_title(adv_captions[r][j], fontsize=5, pad=1)
+        axes[r, 0].text(-0.15, 0.5, row_labels[r], transform=axes[r, 0].transAxes, ha="right", va="center",
+                        fontsize=6)
+    fig.suptitle(title, fontsize=9)
+    fig.subplots_adjust(left=0.16, right=0.99, top=0.88, bottom=0.02, wspace=0.05, hspace=0.25)
+    for first, last, text in ((0, a - 1, "top real images"),
+                              (a + 1, cols - 1, "top adversarial images (original → target)")):
+        x0, x1 = axes[0, first].get_position().x0, axes[0, last].get_position().x1
+        fig.text((x0 + x1) / 2, 0.915, text, ha="center", va="bottom", fontsize=8)
+    fig.savefig(path, dpi=dpi)

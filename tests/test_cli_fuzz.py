@@ -118,6 +118,8 @@ STRING_CASES: dict[str, list[str]] = {
     "point": ["nope", ""],
     "test_split": ["nope", ""],
     "milestones": ["a,b", "0.5,nan", "-0.5", "1.5", "0.75,0.5"],  # decouple; "" is valid: no lr drops
+    "coral_norm": ["nope", ""],                    # adv-train: l1 | fro2
+    "mmd": ["nope", ""],                           # adv-train: linear | gaussian
 }
 # Per-subcommand malformed values where one value is valid for that subcommand only.
 COMMAND_STRING_CASES: dict[tuple[str, str], list[str]] = {

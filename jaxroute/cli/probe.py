@@ -3,7 +3,11 @@
 The three steps of Dong et al. (arXiv:1708.05493) on a saved model: neuron
 consistency, feature ratios and Gaussian detection of a targeted adversarial
 set (``probe``); fine-tuning with the feature-consistency loss (``adv-train``);
-the neurons a prediction rests on (``trace``).
+the neurons a prediction rests on (``trace``).  ``adv-train --objective xie``
+is the same training step with Xie et al.'s objective (FGSM on the model's
+predictions, CORAL and MMD behind an adaptation layer;
+:mod:`jaxroute.training.adversarial`); both report clean, FGSM and PGD test
+accuracy.
 """
 from __future__ import annotations
 
@@ -89,15 +93,25 @@ def cmd_probe(args):
 
 
 # --------------------------------------------------------------------------- adv-train
+def adv_train_config(args):
+    """The :class:`AdvTrainConfig` of ``adv-train``'s arguments (unset weights: the objective's defaults)."""
+    from jaxroute.training.adversarial import AdvTrainConfig
+
+    return AdvTrainConfig(objective=args.objective, alpha=args.alpha, beta=args.beta, steps=args.steps,
+                          step_eps=args.step_eps, target=args.target, eps=args.eps, lambda_coral=args.lambda_coral,
+                          lambda_mmd=args.lambda_mmd, coral_norm=args.coral_norm, mmd=args.mmd,
+                          adaptation=args.adaptation, feature=args.feature, epochs=args.epochs,
+                          batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+
+
 def cmd_adv_train(args):
-    from jaxroute.training import eval_logits, topk_accuracy
-    from jaxroute.training.adversarial import AdvTrainConfig, adversarial_fit
-    from jaxroute.utils.io import check_writable_dir
+    import jax
+
+    from jaxroute.training.adversarial import adversarial_fit, robust_accuracy
+    from jaxroute.utils.io import atomic_save_npz, check_writable_dir
     from jaxroute.weights import save_model
 
-    cfg = AdvTrainConfig(alpha=args.alpha, beta=args.beta, steps=args.steps, step_eps=args.step_eps,
-                         target=args.target, feature=args.feature, epochs=args.epochs, batch_size=args.batch_size,
-                         lr=args.lr, seed=args.seed)
+    cfg = adv_train_config(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
@@ -106,18 +120,25 @@ def cmd_adv_train(args):
     check_writable_dir(out)
     model = model_from_args(args, need_weights=True)
     train = data_for(model, args)  # --split (default train)
+    test = data_for(model, args, split="test")
     source = {"model": args.model, "weights": str(args.weights or ""), "data": args.data, "limit": args.limit}
     res = adversarial_fit(model, train, cfg, out, source=source, log=log)
     model = model.with_variables(res["variables"])
-    test = data_for(model, args, split="test")
-    acc = topk_accuracy(eval_logits(model, test), test.labels)
+    acc = robust_accuracy(model, test, cfg.eps, key=jax.random.key(cfg.seed))
     meta = dataclasses.replace(model.meta, source=f"jaxroute adv-train ({cfg})")
     path = save_model(out / "model", model.variables, meta, overwrite=True)
+    if res["adaptation"] is not None:  # already folded into the saved model; kept for inspection
+        atomic_save_npz(out / "adaptation.npz", **res["adaptation"])
     last = res["epochs"][-1]
-    result = {"epochs": len(res["epochs"]), "loss": last["loss"], "consistency": last["consistency"],
-              "clean_top1": acc["top1"], "clean_top5": acc["top5"], "weights": str(path)}
-    human = (f"adversarial training: {result['epochs']} epochs, loss {last['loss']:.4f}, consistency "
-             f"{last['consistency']:.4f}; test top1 {acc['top1']:.4f} top5 {acc['top5']:.4f}; model in {path}")
+    losses = {k: last[k] for k in ("loss", "ce_clean", "ce_adv", "consistency", "coral", "mmd") if k in last}
+    result = {"objective": cfg.objective, "epochs": len(res["epochs"]), "loss": last["loss"],
+              "consistency": last["consistency"], "losses": losses, **acc, "eps": cfg.eps,
+              "seconds_per_epoch": float(np.mean([e["seconds"] for e in res["epochs"] if "seconds" in e] or [0.0])),
+              "weights": str(path)}
+    human = (f"adversarial training ({cfg.objective}): {result['epochs']} epochs, "
+             + ", ".join(f"{k} {v:.4f}" for k, v in losses.items())
+             + f"; test top1 clean {acc['clean_top1']:.4f}, FGSM {acc['fgsm_top1']:.4f}, PGD {acc['pgd_top1']:.4f} "
+             f"(eps {cfg.eps:.4g}); {result['seconds_per_epoch']:.1f} s/epoch; model in {path}")
     return result, human
 
 
@@ -200,19 +221,40 @@ def add_parsers(sub) -> None:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_probe)
 
-    from jaxroute.training.adversarial import AdvTrainConfig
+    from jaxroute.training.adversarial import CORAL_NORMS, MMD_KINDS, OBJECTIVE_DEFAULTS, OBJECTIVES, AdvTrainConfig
 
     d = AdvTrainConfig()
-    s = sub.add_parser("adv-train", help="fine-tune with adversarial images and feature consistency (resumable)")
+    dong, xie = OBJECTIVE_DEFAULTS["dong"], OBJECTIVE_DEFAULTS["xie"]
+    s = sub.add_parser("adv-train", help="fine-tune with adversarial images and feature consistency / domain "
+                                         "alignment (Dong et al. or Xie et al.; resumable)")
     add_model_args(s)
     add_data_args(s, split="train")
     s.add_argument("--out", required=True, help="run folder: train state per epoch, final model in OUT/model")
-    s.add_argument("--alpha", type=float, default=d.alpha, help=f"clean loss weight (default {d.alpha})")
-    s.add_argument("--beta", type=float, default=d.beta, help=f"consistency weight (default {d.beta})")
-    s.add_argument("--steps", type=int, default=d.steps, help=f"attack steps T (default {d.steps})")
-    s.add_argument("--step-eps", type=float, default=d.step_eps, help="attack step in [0, 1] pixels (default 1/255)")
-    s.add_argument("--target", choices=("least_likely", "random"), default=d.target)
-    s.add_argument("--feature", default=None, help="gate point of φ (default: the penultimate features)")
+    s.add_argument("--objective", choices=OBJECTIVES, default=d.objective,
+                   help="dong: targeted BIM, alpha-weighted cross-entropies (default); xie: untargeted FGSM on the "
+                        "model's predictions, CE + CE_adv, CORAL and MMD behind an adaptation layer")
+    s.add_argument("--alpha", type=float, default=d.alpha, help=f"dong: clean loss weight (default {d.alpha})")
+    s.add_argument("--beta", "--lambda-consistency", dest="beta", type=float, default=None,
+                   help=f"weight of ||phi(x) - phi(x_adv)||^2 (default: dong {dong['beta']:.4g}, "
+                        f"xie {xie['beta']:.4g})")
+    s.add_argument("--steps", type=int, default=d.steps, help=f"dong: attack steps T (default {d.steps})")
+    s.add_argument("--step-eps", type=float, default=d.step_eps,
+                   help="dong: attack step in [0, 1] pixels (default 1/255)")
+    s.add_argument("--target", choices=("least_likely", "random"), default=d.target, help="dong: the attack's y*")
+    s.add_argument("--eps", type=float, default=d.eps,
+                   help=f"FGSM epsilon in [0, 1] pixels: xie's training attack, and the budget of the FGSM and "
+                        f"PGD test accuracies of both objectives (default {d.eps})")
+    s.add_argument("--lambda-coral", type=float, default=None,
+                   help=f"CORAL weight (default: dong {dong['lambda_coral']:.4g}, xie {xie['lambda_coral']:.4g})")
+    s.add_argument("--lambda-mmd", type=float, default=None,
+                   help=f"MMD weight (default: dong {dong['lambda_mmd']:.4g}, xie {xie['lambda_mmd']:.4g})")
+    s.add_argument("--coral-norm", default=d.coral_norm,
+                   help=f"{' | '.join(CORAL_NORMS)}: Xie's Eq. 8 or Deep CORAL (default {d.coral_norm})")
+    s.add_argument("--mmd", default=d.mmd,
+                   help=f"{' | '.join(MMD_KINDS)}: Xie's Eq. 9 or the Gaussian-kernel MMD^2 (default {d.mmd})")
+    s.add_argument("--adaptation", action=argparse.BooleanOptionalAction, default=None,
+                   help="train an identity-initialised Dense(k) behind the features (default: xie yes, dong no)")
+    s.add_argument("--feature", default=None, help="gate point of phi (default: the penultimate features)")
     s.add_argument("--epochs", type=int, default=d.epochs)
     s.add_argument("--batch-size", type=int, default=d.batch_size)
     s.add_argument("--lr", type=float, default=d.lr)

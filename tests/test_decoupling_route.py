@@ -15,12 +15,12 @@ import pytest
 
 from jaxroute.cli.main import main
 from jaxroute.decoupling.model import calculation_paths, decoupled_model, save_decoupled
+from jaxroute.decoupling.train import DecoupleConfig
 from jaxroute.extraction import load_manifest, load_shards
 from jaxroute.models.gates import flatten_gates, ones_gates
 from jaxroute.routing import DGRConfig, Route, route_outputs
 from jaxroute.routing.controller import ControllerConfig, controller_route
 from jaxroute.weights import load_model
-from test_decoupling import CFG  # the training tests' configuration: their compiled step is shared
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -139,9 +139,10 @@ def test_decouple_route_controller_detect(digits_ckpt, tmp_path, x_test, capsys)
     from jaxroute.data import load_dataset, save_arrays_split
 
     ckpt = tmp_path / "dec"
-    # the training tests' configuration (tests/test_decoupling.py): the compiled step is shared
+    # one epoch training the controllers of the trained digits CNN: one compiled step
     assert main(["decouple", "--model", "digits_cnn", "--weights", str(digits_ckpt), "--data", "digits", "--limit",
-                 "64", "--out", str(ckpt), "--epochs", "2", "--batch-size", "32", "--freeze-backbone-epochs", "1"]) == 0
+                 "64", "--out", str(ckpt), "--epochs", "1", "--batch-size", "32", "--freeze-backbone-epochs", "1",
+                 "--no-augment"]) == 0
     # perturbed twins of the test images (any routable data set; an attack is no part of this chain)
     test = load_dataset("digits", "test", limit=40)
     noisy = np.clip(test.images + np.random.default_rng(0).uniform(-0.2, 0.2, test.images.shape), 0, 1)
@@ -181,19 +182,20 @@ def test_route_controller_on_a_plain_checkpoint_is_a_one_line_error(digits_ckpt,
 
 
 # ---------------------------------------------------------------- 2 devices = 1
-STEPS = 3  # the training tests' steps per epoch (96 images, batch 32): the same optimiser, the same compiled step
+# the joint stage, whose batch-norm batch statistics and SemHash rows couple the samples of a batch
+# (augmentation is per sample and only lengthens the compile)
+CFG = DecoupleConfig(epochs=1, batch_size=32, flip=False, pad_crop=0)
 
 
 def one_step(sharded: bool):
     """One joint-stage ``decouple_step`` (batch-norm batch statistics and SemHash over the whole
     batch), the batch split over the local devices or not; ``(state, metrics)`` as numpy."""
-    from jaxroute.data import load_dataset
     from jaxroute.decoupling.train import _jitted_step, _shard, create_state
 
     model = random_decoupled()
-    ds = load_dataset("digits", "train", limit=32)
-    batch = (jnp.asarray(ds.images), jnp.asarray(ds.labels, jnp.int32))
-    state, metrics = _jitted_step(create_state(model, CFG, False, STEPS), _shard(batch) if sharded else batch,
+    rng = np.random.default_rng(0)
+    batch = (jnp.asarray(rng.uniform(size=(32, 8, 8, 1)), jnp.float32), jnp.asarray(rng.integers(0, 10, 32), jnp.int32))
+    state, metrics = _jitted_step(create_state(model, CFG, False, 1), _shard(batch) if sharded else batch,
                                   jax.random.key(3), config=CFG, frozen=False)
     if sharded:
         assert len(jax.tree.leaves(state.params)[0].sharding.device_set) == len(jax.local_devices())

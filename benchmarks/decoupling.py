@@ -67,11 +67,17 @@ def _static_block(h, p, s, stride, c1, c2):
     o = _bn(_conv(o, p["conv2"]["kernel"][:, :, :c1, :c2], 1), p["bn2"], s["bn2"], i2)
     if c2 < planes:
         o = jnp.pad(o, ((0, 0), (0, 0), (0, 0), (0, planes - c2)))
-    sc = h
-    if stride != 1 or h.shape[-1] != planes:
-        q = planes // 4
-        sc = jnp.pad(h[:, ::2, ::2, :], ((0, 0), (0, 0), (0, 0), (q, q)))
-    return jax.nn.relu(o + sc)
+    return jax.nn.relu(o + _shortcut(h, planes, stride))
+
+
+def _shortcut(h, planes, stride):
+    """The option-A shortcut: identity, or subsampled and zero-padded to ``planes`` channels."""
+    import jax.numpy as jnp
+
+    if stride == 1 and h.shape[-1] == planes:
+        return h
+    q = planes // 4
+    return jnp.pad(h[:, ::2, ::2, :], ((0, 0), (0, 0), (0, 0), (q, q)))
 
 
 def _blocks(model):
@@ -242,11 +248,7 @@ def profile(model, caps, xs, networks: dict, rounds: int = 7) -> dict:
 
         def scatter(o, i2, h, planes=planes, stride=stride):
             full = jnp.zeros(o.shape[:3] + (planes,), o.dtype).at[..., i2].add(o)
-            sc = h
-            if stride != 1 or h.shape[-1] != planes:
-                q = planes // 4
-                sc = jnp.pad(h[:, ::2, ::2, :], ((0, 0), (0, 0), (0, 0), (q, q)))
-            return jax.nn.relu(full + sc)
+            return jax.nn.relu(full + _shortcut(h, planes, stride))
 
         def nocond(h):
             i1, v1 = ctrl1(h)

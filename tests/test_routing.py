@@ -370,9 +370,11 @@ def test_prune_config_iterations_and_counts(digits_model):
 def test_routers_registry_and_route_outputs(digits_model, dx):
     x, _ = dx
     x = x[:8]
-    assert sorted(ROUTERS) == ["aar", "awr", "dgr"]
+    assert sorted(ROUTERS) == ["aar", "awr", "controller", "dgr"]
     for name, (router, cls) in ROUTERS.items():
         assert router_config(name) == cls()
+    for name in ("dgr", "awr", "aar"):  # controller needs a decoupled model: tests/test_decoupling_route.py
+        cls = ROUTERS[name][1]
         fn = route_outputs(digits_model, name, cls(steps=2) if cls is DGRConfig else cls(max_iters=3))
         out = jax.device_get(fn(x))
         assert set(out) == set(Route._fields) | {"features"}, name

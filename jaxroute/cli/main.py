@@ -169,20 +169,29 @@ def cmd_convert(args) -> dict:
 
 
 # --------------------------------------------------------------------------- route
-def _route_config(args):
-    """The router config of the chosen method from the CLI options (validated by the dataclass)."""
-    from jaxroute.routing import DGRConfig, PruneConfig
+# CLI option -> (field of the router's config, the routers that take it); other routers refuse it
+ROUTE_OPTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "steps": ("steps", ("dgr",)), "lr": ("lr", ("dgr",)), "momentum": ("momentum", ("dgr",)),
+    "gamma": ("gamma", ("dgr",)), "clip_min": ("clip_min", ("dgr",)), "clip_max": ("clip_max", ("dgr",)),
+    "prune_frac": ("frac", ("awr", "aar")),
+}
 
-    fields = {"steps": args.steps, "lr": args.lr, "momentum": args.momentum, "gamma": args.gamma,
-              "clip_min": args.clip_min, "clip_max": args.clip_max}
-    given = {k: v for k, v in fields.items() if v is not None}
-    if args.method == "dgr":
-        if args.prune_frac is not None:
-            raise ValueError("--prune-frac applies to awr and aar, not dgr")
-        return DGRConfig(**given)
-    if given:  # silently ignoring them would record a job that is not the one asked for
-        raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in given)} apply to dgr, not {args.method}")
-    return PruneConfig(**({} if args.prune_frac is None else {"frac": args.prune_frac}))
+
+def _route_config(args):
+    """The config of the chosen router (``jaxroute.routing.ROUTERS``) from the CLI options
+    (validated by the config dataclass); an option of another router is refused."""
+    from jaxroute.routing import ROUTERS
+
+    given = {d: getattr(args, d) for d in ROUTE_OPTIONS if getattr(args, d) is not None}
+    wrong: dict[tuple[str, ...], list[str]] = {}
+    for d in given:
+        if args.method not in ROUTE_OPTIONS[d][1]:
+            wrong.setdefault(ROUTE_OPTIONS[d][1], []).append("--" + d.replace("_", "-"))
+    if wrong:  # silently ignoring them would record a job that is not the one asked for
+        methods, opts = next(iter(wrong.items()))
+        verb = "applies" if len(opts) == 1 else "apply"
+        raise ValueError(f"{', '.join(opts)} {verb} to {' and '.join(methods)}, not {args.method}")
+    return ROUTERS[args.method][1](**{ROUTE_OPTIONS[d][0]: v for d, v in given.items()})
 
 
 def cmd_route(args) -> dict:
@@ -387,7 +396,7 @@ def cmd_detect(args) -> dict:
     return res, human
 
 
-ROUTER_NAMES = ("dgr", "awr", "aar")  # jaxroute.routing.ROUTERS, named here so the parser imports no JAX
+ROUTER_NAMES = ("dgr", "awr", "aar", "controller")  # jaxroute.routing.ROUTERS, named here so the parser imports no JAX
 
 
 def _defaults(config: str) -> dict:
@@ -447,7 +456,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(s)
     add_data_args(s)
     s.add_argument("--out", required=True)
-    s.add_argument("--method", choices=sorted(ROUTER_NAMES), default="dgr")
+    s.add_argument("--method", choices=sorted(ROUTER_NAMES), default="dgr",
+                   help="dgr, awr, aar: route the model's gates (on a decoupled checkpoint: its backbone at the "
+                        "controlled convs, every filter on as the full model); controller: the calculation "
+                        "paths z = 1(G > 0) of a decoupled checkpoint (jaxroute decouple), no options")
     d = _defaults("DGRConfig")
     s.add_argument("--steps", type=int, default=None, help=f"DGR: SGD steps T (default {d['steps']})")
     s.add_argument("--lr", type=float, default=None, help=f"DGR: learning rate (default {d['lr']})")

@@ -1,9 +1,12 @@
-"""Routing: per-sample critical data routing paths (DGR) and the pruning baselines (AWR, AAR).
+"""Routing: per-sample critical data routing paths (DGR), the pruning baselines (AWR, AAR) and,
+as one more router, the calculation paths of a decoupled model (``controller``,
+:mod:`jaxroute.routing.controller`).
 
 Every router has one shape, ``router(model, x, *, config) -> Route``
 (:mod:`jaxroute.routing.route`); :data:`ROUTERS` lists them by name.
 """
 from jaxroute.routing.ablation import ablation_curve, ablation_mask
+from jaxroute.routing.controller import ControllerConfig, controller_route
 from jaxroute.routing.dgr import DGRConfig, dgr_loss, dgr_route, dgr_route_pair, dgr_trace
 from jaxroute.routing.job import ROUTERS, route_dataset, route_outputs, router_config, summarize
 from jaxroute.routing.plots import plot_ablation, plot_iterate_density, plot_layer_sparsity
@@ -12,8 +15,8 @@ from jaxroute.routing.pruning import PruneConfig, aar_route, activation_l1_score
 from jaxroute.routing.route import Route
 
 __all__ = [
-    "DGRConfig", "PruneConfig", "ROUTERS", "Route", "aar_route", "ablation_curve", "ablation_mask",
-    "activation_l1_scores", "awr_route", "dgr_loss", "dgr_route", "dgr_route_pair", "dgr_trace", "layer_sparsity", "plot_ablation",
+    "ControllerConfig", "DGRConfig", "PruneConfig", "ROUTERS", "Route", "aar_route", "ablation_curve", "ablation_mask",
+    "activation_l1_scores", "awr_route", "controller_route", "dgr_loss", "dgr_route", "dgr_route_pair", "dgr_trace", "layer_sparsity", "plot_ablation",
     "plot_iterate_density", "plot_layer_sparsity",
     "route_dataset", "route_outputs", "router_config", "routing_metrics", "sparsity", "summarize", "topk_hits",
     "weight_l1_scores",

@@ -3,8 +3,22 @@
 ``route_dataset`` runs a router through the generic extraction job
 (:mod:`jaxroute.extraction`), so path extraction is resumable, multi-device
 and multi-process; each shard holds the :class:`~jaxroute.routing.Route`
-fields plus ``features`` (the full model's penultimate activations, the
-baseline feature of the detectors), and ``summary.json`` the Table-1 metrics.
+fields plus ``features`` (the penultimate activations of the model as it runs,
+``model.capture(x).features``: the baseline feature of the detectors), and
+``summary.json`` the Table-1 metrics.
+
+Routers (:data:`ROUTERS`): ``dgr``, ``awr``, ``aar`` and ``controller`` (the
+calculation paths of a decoupled model, :mod:`jaxroute.routing.controller`).  A
+router's config may define ``check_model(model)``, raising for a model the router
+cannot route; :func:`route_outputs` calls it before any work.
+
+A decoupled model (``gate_placement="decouple"``, from ``jaxroute decouple``)
+routed with ``dgr``, ``awr`` or ``aar``: its gate points are the controlled convs
+(``layerS.B.conv1``/``conv2``), so the CDRPs have the layout of its calculation
+paths and compare with them entry by entry; the router's gates replace the
+controllers' (``model.logits(x, gates)``), so the full model (all gates 1) is the
+decoupled model's backbone with every filter, as in the ``controller`` route;
+``features`` are those of the decoupled network as it runs (its controllers on).
 """
 from __future__ import annotations
 
@@ -19,6 +33,7 @@ import jax
 import numpy as np
 
 from jaxroute.data import Dataset
+from jaxroute.routing.controller import ControllerConfig, controller_route
 from jaxroute.extraction import BatchPlan, load_manifest, load_shards, run_extraction
 from jaxroute.models.gates import GateSpec
 from jaxroute.routing.dgr import DGRConfig, dgr_route, dgr_route_pair
@@ -33,6 +48,7 @@ ROUTERS: dict[str, tuple[Callable, type]] = {
     "dgr": (dgr_route, DGRConfig),
     "awr": (awr_route, PruneConfig),
     "aar": (aar_route, PruneConfig),
+    "controller": (controller_route, ControllerConfig),
 }
 SUMMARY = "summary.json"
 
@@ -52,9 +68,15 @@ def route_outputs(model, method: str = "dgr", config=None, momentum_from: np.nda
     state carried over (:func:`~jaxroute.routing.dgr.dgr_route_pair`), as the
     official DGR release routes an adversarial image after its real twin.
     The default (None) starts every image fresh, as the paper describes.
+
+    Raises at once (before anything is traced or written) when the router's config
+    refuses the model (``config.check_model``, e.g. ``controller`` on a plain model).
     """
     router = ROUTERS[method][0]
     config = router_config(method, config)
+    check = getattr(config, "check_model", None)
+    if check is not None:
+        check(model)
     features = loop_friendly(lambda x: model.capture(x).features)  # the conv formulations of the routing
     if momentum_from is not None:
         if method != "dgr":

@@ -1,4 +1,4 @@
-"""The one output type of every router (DGR, AWR, AAR, and routers to come).
+"""The one output type of every router (DGR, AWR, AAR, a decoupled model's controllers).
 
 A router is a pure, jittable function ``router(model, x, *, config) -> Route``
 over a :class:`~jaxroute.models.GatedModel` and a pixel-space image batch;
@@ -20,7 +20,8 @@ class Route(NamedTuple):
     cdrp: jax.Array          # (B, D) kept gates, forward order (the critical data routing path)
     loss: jax.Array          # (B,) the router's objective at the kept gates: distillation CE + γ‖Λ‖₁
     fell_back: jax.Array     # (B,) True where no candidate kept the top-1 (all ones kept)
-    iterations: jax.Array    # (B,) int32: DGR the kept iterate t (0 = fallback); AWR/AAR pruning rounds survived
+    iterations: jax.Array    # (B,) int32: DGR the kept iterate t (0 = fallback); AWR/AAR pruning rounds survived;
+                             # controller 0 (one forward pass)
     pred: jax.Array          # (B,) top-1 of the full model
     gated_pred: jax.Array    # (B,) top-1 with the kept gates
     gated_logits: jax.Array  # (B, K) logits with the kept gates

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def load_model(name: str | None = None, weights: str | os.PathLike | None = None
         if overrides:
             meta = dataclasses.replace(meta, **{k: (tuple(v) if isinstance(v, list) else v)
                                                 for k, v in overrides.items()})
-        module = create_model(meta.arch, **meta.module_overrides())
+        module = create_model(meta.arch, **meta.module_overrides(), **_saved_module_fields(weights, meta))
         variables = restore_variables(weights, abstract_variables(module, meta.input_shape))
         return GatedModel(module, variables, meta)
     if name is None:
@@ -67,3 +68,16 @@ def load_model(name: str | None = None, weights: str | os.PathLike | None = None
     variables = torch_to_flax(load_torch_state_dict(path), target)
     check_tree(target, variables)
     return GatedModel(module, variables, meta)
+
+
+def _saved_module_fields(path, meta) -> dict:
+    """Module fields a checkpoint keeps beside its metadata: a decoupled model's controller
+    reduction γ and SemHash mode (``decouple.json``, :func:`jaxroute.decoupling.model.save_decoupled`),
+    when it is loaded as a decoupled model."""
+    from jaxroute.decoupling.model import DECOUPLE_FILE
+
+    f = Path(path) / DECOUPLE_FILE
+    if meta.gate_placement != "decouple" or not f.is_file():
+        return {}
+    fields = json.loads(f.read_text())
+    return {"controller_reduction": int(fields["reduction"]), "semhash": fields["semhash"]}

@@ -47,9 +47,19 @@ def _result(mahalanobis_fgsm: float, models=("resnet20",)) -> dict:
         att = {a: {"n": 200, "clean_correct": 160, "success_rate": 0.95, "median_l2": 0.5, "mean_l2": 0.6,
                    "noise_sigma": 0.01, "noisy_correct": 0.97} for a in ATTACKS}
         att["cw"]["median_l2"] = None
-        res["models"][m] = {"result": r, "attacks": att, "seconds_total": 12.0, "seconds_this_run": 1.0}
+        res["models"][m] = {"result": r, "attacks": att, "clean_only": {a: 0.99 for a in ATTACKS},
+                            "lid_other_rule": {"rule": "all", "known": {a: 0.7 for a in ATTACKS},
+                                               "unknown": {a: 0.6 for a in ATTACKS[1:]}},
+                            "seconds_total": 12.0, "seconds_this_run": 1.0}
     res["target"] = target_check(res)
     return res
+
+
+def test_split_rows_follow_the_reference_block_split():
+    from experiments.feature_detectors import split_rows
+
+    assert split_rows(180) == {"fit": [9, 9, 9], "val": [9, 9, 9]}     # 18 per block: the slices stay inside
+    assert split_rows(74) == {"fit": [1, 4, 4], "val": [6, 3, 3]}      # 7 per block: they cross block boundaries
 
 
 def test_report_tables_and_target_statement(tmp_path):
@@ -57,12 +67,15 @@ def test_report_tables_and_target_statement(tmp_path):
     assert "first 200 test images" in met and "--limit 200 --train-limit 1000" in met
     assert f"| KD+PU | 90.00 / {PAPER['kd_pu']['fgsm']:.2f} |" in met
     assert "| LID | 80.00 / 95.38 | 80.00 / 71.86 | 80.00 / 77.53 |" in met      # fitted on FGSM
-    assert "| FGSM | 0.950 | 0.500 | 0.0100 | 0.970 | 150 of 200 | 0.002 | 20 |" in met
+    assert "| FGSM | 0.950 | 0.500 | 0.0100 | 0.970 | 150 of 200 | 5 / 8 / 8 | 10 / 7 / 7 | 0.002 | 20 |" in met
     assert "| CW | 0.950 | – |" in met
     assert "Yes: 0.9700" in met and "LID rule" in met and "PU by random gates" in met
+    assert "Diagnostic: LID with the neighbour rule `all` (the reference code's" in met
+    assert "FGSM 70.00, BIM 70.00, DeepFool 70.00, CW 70.00; fitted on FGSM: BIM 60.00" in met
     missed = report(_result(0.9))
     assert "No: 0.9000" in missed and "The gap to the paper: (1) the noisy twins" in missed
-    assert "σ = 0.0100 per pixel, and only 97.0%" in missed
+    assert "σ = 0.0100 per pixel, and only 97.0%" in missed and "noisy twins the same characteristics give 99.00%" in missed
+    assert "in place of the noisy twins (same characteristics, split and ε choice): FGSM 99.00, BIM 99.00" in missed
     other = _result(0.9, models=("resnet32",))
     assert other["target"] is None and "Not measured in this run" in report(other)
     both = _result(0.99, models=("resnet20", "resnet32"))
@@ -87,6 +100,8 @@ def test_feature_detectors_end_to_end(shared, tmp_path):
         assert all(0.0 <= r[d][a] <= 1.0 for a in ATTACKS), (d, r[d])
         assert set(r["unknown"][d]) == set(ATTACKS[1:])
     assert all(r["n_selected"][a] >= 40 for a in ATTACKS)
+    assert all(0.0 <= v <= 1.0 for v in res["models"]["resnet20"]["clean_only"].values())
+    assert res["models"]["resnet20"]["lid_other_rule"]["rule"] == "all"
     assert (tmp_path / "det" / "README.md").read_text().startswith("# Feature-space adversarial detectors")
     assert json.loads((tmp_path / "det" / "detectors.json").read_text())["n_test"] == 120
     again = run(cfg, tmp_path / "det", log=lambda m: None)

@@ -88,12 +88,12 @@ def test_report_tables_and_target_statement(tmp_path):
 
 @pytest.mark.slow
 def test_feature_detectors_end_to_end(shared, tmp_path):
-    """ResNet-20 on the first 120 shared test images, 200 training images, 2 stochastic passes: every
+    """ResNet-20 on the first 200 shared test images, 200 training images, 2 stochastic passes: every
     number in range, the report written, a rerun served from the cache and other arguments refused."""
     from experiments.feature_detectors import run
 
     cfg = Config(models_dir=str(shared / "models/cifar10-resnet"), data=str(shared / "data/cifar10-jpeg"),
-                 limit=120, train_limit=200, pu_passes=2)
+                 limit=200, train_limit=200, pu_passes=2)
     res = run(cfg, tmp_path / "det", log=lambda m: None)
     r = res["models"]["resnet20"]["result"]
     for d in ("kd_pu", "lid", "mahalanobis"):
@@ -103,7 +103,7 @@ def test_feature_detectors_end_to_end(shared, tmp_path):
     assert all(0.0 <= v <= 1.0 for v in res["models"]["resnet20"]["clean_only"].values())
     assert res["models"]["resnet20"]["lid_other_rule"]["rule"] == "all"
     assert (tmp_path / "det" / "README.md").read_text().startswith("# Feature-space adversarial detectors")
-    assert json.loads((tmp_path / "det" / "detectors.json").read_text())["n_test"] == 120
+    assert json.loads((tmp_path / "det" / "detectors.json").read_text())["n_test"] == 200
     again = run(cfg, tmp_path / "det", log=lambda m: None)
     assert again["models"]["resnet20"]["result"] == r
     with pytest.raises(ValueError, match="other arguments"):

@@ -255,3 +255,13 @@ def test_protocol_selection_choice_and_unknown():
     z = noisy_twins(jnp.full((2000, 8, 8, 1), 0.5), 0.05, jax.random.key(0))
     assert float(z.min()) >= 0 and abs(float(jnp.linalg.norm((z - 0.5).reshape(2000, -1), axis=1).mean()) - 0.4) < 0.02
     assert tnr_at_tpr95([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == 1.0
+
+
+def test_logistic_detector_names_too_few_training_rows():
+    """Fewer than 5 rows of every label (a small selection split by the reference's block split):
+    one clear error instead of scikit-learn's stratified-fold message."""
+    x = np.arange(6.0)[:, None]
+    with pytest.raises(ValueError, match=r"\{0: 4, 1: 2\} images per label; its 5-fold validation"):
+        LogisticDetector().fit(x, np.array([0, 0, 0, 0, 1, 1]))
+    with pytest.raises(ValueError, match="both real"):
+        LogisticDetector().fit(x, np.zeros(6, int))

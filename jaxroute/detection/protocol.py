@@ -79,6 +79,9 @@ def tnr_at_tpr95(y, s) -> float:
     return float(1.0 - fpr[np.searchsorted(tpr, 0.95, side="left")])
 
 
+CV_FOLDS = 5   # LogisticRegressionCV's default folds, as the reference code
+
+
 class LogisticDetector:
     """``LogisticRegressionCV`` on characteristics (fit / score shape of :class:`~jaxroute.detection.Detector`).
 
@@ -93,8 +96,13 @@ class LogisticDetector:
 
     def fit(self, x, y) -> "LogisticDetector":
         x, y = np.asarray(x, np.float64), np.asarray(y)
-        if len(np.unique(y)) < 2:
+        labels, counts = np.unique(y, return_counts=True)
+        if len(labels) < 2:
             raise ValueError("the regression's training rows need both real (0) and adversarial (1) images")
+        if counts.max() < CV_FOLDS:   # scikit-learn's stratified folds would fail with a less clear message
+            raise ValueError(f"the regression's training rows hold {dict(zip(labels.tolist(), counts.tolist()))} "
+                             f"images per label; its {CV_FOLDS}-fold validation needs at least {CV_FOLDS} of one "
+                             "label (select more images)")
         self.model = LogisticRegressionCV(random_state=self.seed, max_iter=1000, solver=self.solver).fit(x, y)
         return self
 

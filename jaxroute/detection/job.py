@@ -1,0 +1,340 @@
+"""One run of the feature-space detector protocol, cached and resumable (``jaxroute adv-detect``).
+
+:func:`run_detection` does every step of Lee et al.'s protocol
+(:mod:`jaxroute.detection.protocol`) for a model, a labelled test set and a
+training set:
+
+1. attacks: adversarial twins of every test image for each attack
+   (:func:`protocol_configs`: FGSM ε = 0.05, BIM 0.01 × 6 steps without a
+   ball, DeepFool ≤ 5 iterations with overshoot 0.02, CW-L2 c = 1, κ = 0,
+   Adam 0.01, 100 steps, one round; pixel units) and noisy twins whose
+   Gaussian noise matches the attack's mean L2 (:func:`attack_twins`);
+2. selection: clean-correct, noisy-correct, adversarial-wrong images;
+3. features: pooled stage features, penultimate features and logits of the
+   training, clean, adversarial and noisy images (the extraction job);
+4. characteristics per detector and attack (Mahalanobis: layer scores at
+   every ε; LID: layer estimates at every k; KD+PU: density and
+   uncertainty);
+5. the protocol: known attack (each attack fitted on itself) and unknown
+   attack (fitted on FGSM, tested on the others), AUROC.
+
+Cache layout under ``out`` (every file written atomically; a rerun resumes,
+and a file computed with other settings is refused rather than mixed in)::
+
+    attacks/<attack>.npz             adversarial and noisy twins, their predictions
+    features/<set>/                  extraction shards (train, clean, <attack>-adv, <attack>-noisy)
+    scores/<detector>-<attack>.npz   characteristics of the selected images, per candidate
+    scores/<detector>-clean.npz      Mahalanobis / KD+PU characteristics of every clean test
+                                     image, computed once and shared by the attacks
+    result.json                      the AUROCs
+
+The clean images' Mahalanobis scores and predictive uncertainties do not
+depend on the attack, so they are computed once for all test images and each
+attack takes its selected rows.  LID is not shared: a query's reference is
+the clean mini-batch of the *selected* images it falls in, as in the
+reference code.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+DETECTORS = ("kd_pu", "lid", "mahalanobis", "subnet")
+ATTACK_NAMES = ("fgsm", "bim", "deepfool", "cw")
+
+
+def protocol_configs() -> dict:
+    """The attacks of Lee et al.'s protocol, in pixel units (see :mod:`jaxroute.detection.protocol`)."""
+    from jaxroute.attacks import BIMConfig, CWConfig, DeepFoolConfig, FGSMConfig
+
+    return {
+        "fgsm": FGSMConfig(eps=0.05),
+        "bim": BIMConfig(eps=0.01, steps=6),                 # one step of 0.01, then five more; no ball
+        "deepfool": DeepFoolConfig(max_iter=5, overshoot=0.02),
+        "cw": CWConfig(initial_c=1.0, kappa=0.0, lr=0.01, steps=100, binary_search_steps=1),
+    }
+
+
+def check_names(names: Sequence[str], allowed: Sequence[str], what: str) -> tuple[str, ...]:
+    """``names`` as a tuple, or a ValueError naming the unknown ones and the choices."""
+    names = tuple(names)
+    bad = [n for n in names if n not in allowed]
+    if not names or bad:
+        raise ValueError(f"unknown {what} {bad or list(names)!r}; choose from {', '.join(allowed)}")
+    return names
+
+
+def _argmax(logits):
+    import jax.numpy as jnp
+
+    return jnp.argmax(logits, -1)
+
+
+def attack_twins(model, test, name: str, config, out: Path, seed: int, batch_size: int, log=print) -> dict:
+    """Adversarial and noisy twins of the test images (cached as ``out/attacks/<name>.npz``)."""
+    import jax
+
+    from jaxroute.attacks import attack_dataset
+    from jaxroute.detection.protocol import noise_sigma, noisy_twins
+    from jaxroute.utils.devices import map_batches
+    from jaxroute.utils.io import atomic_save_npz
+
+    path = Path(out) / "attacks" / f"{name}.npz"
+    if path.exists():
+        with np.load(path) as z:
+            if len(z["labels"]) == len(test.images):
+                return dict(z)
+        raise ValueError(f"{path} holds another number of images than the data; use another --out")
+    log(f"attack {name} on {len(test.images)} images")
+    images = np.asarray(test.images, np.float32)
+    labels = np.asarray(test.labels)
+    key = jax.random.key(seed)
+    arrays = attack_dataset(model.logits, images, labels, attack=name, config=config,
+                            key=jax.random.fold_in(key, 0), batch_size=batch_size)
+    ok = arrays["success"].astype(bool)
+    sigma = noise_sigma(arrays["l2"][ok] if ok.any() else arrays["l2"], images.shape[1:])
+    kn = jax.random.fold_in(key, 1)
+    bs = min(batch_size, len(images))
+    noisy = map_batches(jax.jit(lambda i, x: noisy_twins(x, sigma, jax.random.fold_in(kn, i))), (images,), bs)
+    pred = map_batches(jax.jit(lambda i, x: _argmax(model.logits(x))), (noisy,), bs)
+    res = {"adv": arrays["images"], "adv_pred": arrays["adv_pred"], "l2": arrays["l2"], "labels": labels,
+           "clean_pred": arrays["clean_pred"], "noisy": noisy, "noisy_pred": pred, "sigma": np.float64(sigma)}
+    atomic_save_npz(path, **res)
+    return res
+
+
+def extract_features(model, points, images, labels, class_names, out: Path, job: dict, batch_size: int,
+                     log=print) -> dict:
+    """Pooled features, penultimate features and logits of ``images`` through the extraction job (resumable)."""
+    from jaxroute.data import Dataset
+    from jaxroute.detection.features import feature_fn
+    from jaxroute.extraction import load_shards, plan_batches, run_extraction
+
+    ds = Dataset(np.asarray(images, np.float32), np.asarray(labels, np.int32), tuple(class_names), job["set"])
+    plan = plan_batches(len(ds.images), batch_size, 1000)
+    run_extraction(feature_fn(model, points), ds, out, job=job, plan=plan, progress=False, desc=job["set"], log=log)
+    return load_shards(out)
+
+
+def cached_scores(out: Path, name: str, setting: Mapping, compute: Callable[[], dict]) -> dict:
+    """Characteristics from ``out/scores/<name>.npz``, computed and saved when absent; a file
+    computed with other settings is refused rather than mixed in."""
+    from jaxroute.utils.io import atomic_save_npz
+
+    path = Path(out) / "scores" / f"{name}.npz"
+    tag = json.dumps(dict(setting), sort_keys=True)
+    if path.exists():
+        with np.load(path) as z:
+            if str(z["setting"]) != tag:
+                raise ValueError(f"{path} was computed with other settings ({z['setting']} vs {tag}); "
+                                 "use another --out")
+            return {k: z[k] for k in z.files if k != "setting"}
+    res = compute()
+    atomic_save_npz(path, setting=np.array(tag), **res)
+    return res
+
+
+def _check_int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def run_detection(model, test, train, *, out, attacks: Sequence[str] = ATTACK_NAMES,
+                  detectors: Sequence[str] = ("kd_pu", "lid", "mahalanobis"), mahalanobis=None, lid=None,
+                  kd_pu=None, subnets=None, runs: int = 1, batch_size: int = 100, seed: int = 0,
+                  job: Mapping | None = None, train_job: Mapping | None = None, test_job: Mapping | None = None,
+                  log: Callable[[str], object] = print) -> dict:
+    """The feature-space detector protocol (see the module doc) for ``model`` on ``test``, class
+    statistics from ``train``; everything cached under ``out``.
+
+    ``mahalanobis`` / ``lid`` / ``kd_pu``: the detectors' configs
+    (:class:`~jaxroute.detection.mahalanobis.MahalanobisConfig`,
+    :class:`~jaxroute.detection.lid.LIDConfig`,
+    :class:`~jaxroute.detection.density.KDPUConfig`; their defaults when
+    None).  ``job`` describes what the features depend on besides the model
+    and the images (weights, data), ``train_job`` / ``test_job`` the two sets
+    (split, limit); they are recorded in, and checked against, the feature
+    manifests.  The ``subnet`` detector needs class-subnetwork features,
+    which this job does not compute.
+
+    Returns ``{detector: {attack: auroc}}``, ``<detector>_std``, ``unknown``
+    (``{detector: {attack: auroc}}``, fitted on FGSM), ``n_selected``,
+    ``chosen_eps``, ``chosen_k`` (per attack, one entry per run),
+    ``runs``, ``lid_rule`` and ``points``; also written to ``out/result.json``.
+    """
+    import jax
+
+    from jaxroute.data import Dataset
+    from jaxroute.detection.density import KDPUConfig, KernelDensity, uncertainty, zscore
+    from jaxroute.detection.features import load_features, stage_points
+    from jaxroute.detection.lid import LIDConfig, lid_features
+    from jaxroute.detection.mahalanobis import MahalanobisConfig, MahalanobisScorer
+    from jaxroute.detection.protocol import MIN_SELECTED, run_protocol, select
+    from jaxroute.utils.io import check_writable_dir
+
+    attacks = check_names(attacks, ATTACK_NAMES, "attack(s)")
+    detectors = check_names(detectors, DETECTORS, "detector(s)")
+    if "subnet" in detectors:
+        if subnets is None:
+            raise ValueError("the subnet detector needs --subnets DIR (class subnetworks)")
+        raise ValueError(f"--subnets {subnets}: this command computes no class-subnetwork features; "
+                         "use kd_pu, lid or mahalanobis")
+    _check_int("runs", runs, 1)
+    _check_int("batch_size", batch_size, 1)
+    _check_int("seed", seed, 0)
+    for name, cfg, cls in (("mahalanobis", mahalanobis, MahalanobisConfig), ("lid", lid, LIDConfig),
+                           ("kd_pu", kd_pu, KDPUConfig)):
+        if cfg is not None and not isinstance(cfg, cls):
+            raise TypeError(f"{name} must be a {cls.__name__}, got {type(cfg).__name__}")
+    mcfg = (mahalanobis or MahalanobisConfig()) if "mahalanobis" in detectors else None
+    lcfg = (lid or LIDConfig()) if "lid" in detectors else None
+    kcfg = (kd_pu or KDPUConfig()) if "kd_pu" in detectors else None
+    if test.labels is None:
+        raise ValueError(f"data {test.name!r} has no labels; the protocol needs the true labels")
+    if train.labels is None:
+        raise ValueError(f"data {train.name!r} has no labels; the class statistics need the true labels")
+    out = check_writable_dir(out)
+
+    points = stage_points(model)
+    base = {"model": model.name, **dict(job or {}), "points": list(points)}
+    names = test.class_names
+    test_images = np.asarray(test.images, np.float32)
+    labels = np.asarray(test.labels)
+
+    def features(name, images, set_labels, set_job):
+        t = time.perf_counter()
+        res = extract_features(model, points, images, set_labels, names, out / "features" / name,
+                               {**base, "set": name, **dict(set_job or {})}, batch_size, log)
+        log(f"features {name}: {len(set_labels)} images, {time.perf_counter() - t:.1f} s")
+        return res
+
+    feats = {"train": features("train", train.images, train.labels, train_job)}
+    feats["clean"] = features("clean", test_images, labels, test_job)
+    cfg = protocol_configs()
+    adv, sel = {}, {}
+    for a in attacks:
+        t = time.perf_counter()
+        adv[a] = attack_twins(model, Dataset(test_images, labels, tuple(names), test.name), a, cfg[a], out, seed,
+                              batch_size, log)
+        log(f"attack {a}: {time.perf_counter() - t:.1f} s")
+        for kind in ("adv", "noisy"):
+            feats[f"{a}-{kind}"] = features(f"{a}-{kind}", adv[a][kind], labels, test_job)
+        sel[a] = np.flatnonzero(select(labels, adv[a]["clean_pred"], adv[a]["noisy_pred"], adv[a]["adv_pred"]))
+        if len(sel[a]) < MIN_SELECTED:
+            raise ValueError(f"attack {a}: only {len(sel[a])} images are clean-correct, noisy-correct and "
+                             f"adversarial-wrong; the protocol needs at least {MIN_SELECTED} (use more images)")
+        log(f"{a}: {len(sel[a])} of {len(labels)} images selected")
+
+    def timed(name, setting, compute):
+        def run():
+            t = time.perf_counter()
+            res = compute()
+            log(f"scores {name}: {time.perf_counter() - t:.1f} s")
+            return res
+        return cached_scores(out, name, setting, run)
+
+    chars: dict = {d: {} for d in detectors}
+    if "mahalanobis" in detectors:
+        scorer = MahalanobisScorer(model, points, mcfg, batch_size=batch_size)
+        scorer.fit(load_features(feats["train"], points), feats["train"]["label"])
+        setting = {"epsilons": mcfg.epsilons, "shrinkage": mcfg.shrinkage}
+        clean = timed("mahalanobis-clean", {**setting, "n": len(labels)}, lambda: {"clean": scorer.score(test_images)})
+        for a in attacks:
+            i = sel[a]
+            s = timed(f"mahalanobis-{a}", setting, lambda a=a, i=i: {
+                "adv": scorer.score(adv[a]["adv"][i]), "clean": clean["clean"][i],
+                "noisy": scorer.score(adv[a]["noisy"][i])})
+            chars["mahalanobis"][a] = {f"eps={e:g}": (s["adv"][:, :, k], s["clean"][:, :, k], s["noisy"][:, :, k])
+                                       for k, e in enumerate(mcfg.epsilons)}
+    if "lid" in detectors:
+        for a in attacks:
+            i = sel[a]
+
+            def compute(a=a, i=i):
+                c, ad, no = lid_features([f[i] for f in load_features(feats["clean"], points)],
+                                         [[f[i] for f in load_features(feats[f"{a}-{k}"], points)]
+                                          for k in ("adv", "noisy")], lcfg)
+                return {"adv": ad, "clean": c, "noisy": no}
+            s = timed(f"lid-{a}", {"ks": lcfg.ks, "rule": lcfg.drop_first, "batch": lcfg.batch_size}, compute)
+            chars["lid"][a] = {f"k={k}": (s["adv"][:, :, j], s["clean"][:, :, j], s["noisy"][:, :, j])
+                               for j, k in enumerate(lcfg.ks)}
+    if "kd_pu" in detectors:
+        kd = KernelDensity(kcfg.bandwidth).fit(feats["train"]["penultimate"], feats["train"]["label"])
+        key = jax.random.key(seed + 1)
+        setting = {"bandwidth": kcfg.bandwidth, "passes": kcfg.passes, "keep": kcfg.keep}
+
+        def kd_pu_of(f, imgs, k):
+            dens = kd.score(f["penultimate"], np.argmax(f["logits"], -1))
+            unc = uncertainty(model, imgs, jax.random.fold_in(key, k), kcfg, batch_size)
+            return np.stack([dens, unc], 1)
+
+        # stream 1: the clean images (the adversarial and noisy twins of attack j use 2j + 2, 2j + 3)
+        clean = timed("kd_pu-clean", {**setting, "n": len(labels)},
+                      lambda: {"clean": kd_pu_of(feats["clean"], test_images, 1)})
+        for a in attacks:
+            i = sel[a]
+
+            def compute(a=a, i=i):
+                rows = {k: {n: v[i] for n, v in feats[f"{a}-{k}"].items() if n in ("penultimate", "logits")}
+                        for k in ("adv", "noisy")}
+                return {"adv": kd_pu_of(rows["adv"], adv[a]["adv"][i], 2 * ATTACK_NAMES.index(a) + 2),
+                        "clean": clean["clean"][i],
+                        "noisy": kd_pu_of(rows["noisy"], adv[a]["noisy"][i], 2 * ATTACK_NAMES.index(a) + 3)}
+            s = timed(f"kd_pu-{a}", setting, compute)
+            z = zscore(s["adv"], s["clean"], s["noisy"])
+            chars["kd_pu"][a] = {"-": tuple(z)}
+
+    result = {"n_selected": {a: int(len(sel[a])) for a in attacks}, "unknown": {}, "chosen_eps": {}, "chosen_k": {},
+              "runs": runs, "lid_rule": (lid or LIDConfig()).drop_first,
+              "points": list(points)}
+    for d in detectors:
+        res = run_protocol(chars[d], runs=runs, seed=seed, known="fgsm")
+        result[d] = {a: v["mean"] for a, v in res["known"].items()}
+        result[f"{d}_std"] = {a: v["std"] for a, v in res["known"].items()}
+        result["unknown"][d] = {a: v["mean"] for a, v in res["unknown"].items()}
+        if d == "mahalanobis":
+            result["chosen_eps"] = {a: v["chosen"] for a, v in res["known"].items()}
+        if d == "lid":
+            result["chosen_k"] = {a: v["chosen"] for a, v in res["known"].items()}
+    (out / "result.json").write_text(json.dumps(result, indent=1, sort_keys=True))
+    return result
+
+
+def format_table(result: Mapping, attacks: Sequence[str], detectors: Sequence[str]) -> str:
+    """The AUROCs (%) as a plain-text table, a ``from fgsm`` row under each detector with unknown-attack AUROCs."""
+    lines = [f"{'detector':12s} " + " ".join(f"{a:>9s}" for a in attacks)]
+    for d in detectors:
+        lines.append(f"{d:12s} " + " ".join(f"{100 * result[d][a]:9.2f}" for a in attacks))
+        if result["unknown"].get(d):
+            lines.append(f"{'  from fgsm':12s} " + " ".join(
+                f"{100 * result['unknown'][d][a]:9.2f}" if a in result["unknown"][d] else f"{'':9s}" for a in attacks))
+    return "AUROC %\n" + "\n".join(lines)
+
+
+def attack_summary(out, attacks: Sequence[str]) -> dict:
+    """Per cached attack: images, success rate and median / mean L2 of the successful adversarials among
+    the clean-correct images, the noise σ of the twins and how many noisy twins stay correct."""
+    res = {}
+    for a in attacks:
+        path = Path(out) / "attacks" / f"{a}.npz"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist; run the detection job first")
+        with np.load(path) as z:
+            y, clean, advp, l2, noisy = z["labels"], z["clean_pred"], z["adv_pred"], z["l2"], z["noisy_pred"]
+            sigma = float(z["sigma"])
+        ok = clean == y
+        won = ok & (advp != y)
+        res[a] = {"n": int(len(y)), "clean_correct": int(ok.sum()),
+                  "success_rate": float(won.sum() / max(ok.sum(), 1)),
+                  "median_l2": float(np.median(l2[won])) if won.any() else None,
+                  "mean_l2": float(np.mean(l2[won])) if won.any() else None,
+                  "noise_sigma": sigma, "noisy_correct": float(np.mean(noisy[ok] == y[ok])) if ok.any() else None}
+    return res
+
+
+__all__ = ["ATTACK_NAMES", "DETECTORS", "attack_summary", "attack_twins", "cached_scores", "check_names",
+           "extract_features", "format_table", "protocol_configs", "run_detection"]

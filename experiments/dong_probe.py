@@ -61,6 +61,7 @@ class Config:
     train_limit: int | None = 10000   # train images for the Gaussian detector and the fine-tuning
     k: int = 9                        # targets per image
     attack_steps: int = 20
+    attack_lr: float = 5 / 255        # Adam step of the ensemble attack (paper: 5 on [0, 255])
     epochs: int = 5
     top_frac: float = 0.01
     point: str = "layer3.2"
@@ -71,6 +72,8 @@ class Config:
         for f in ("k", "attack_steps", "epochs", "batch_size"):
             if int(getattr(self, f)) < 1:
                 raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
+        if not np.isfinite(self.attack_lr) or self.attack_lr <= 0:
+            raise ValueError(f"attack_lr must be a finite step > 0, got {self.attack_lr}")
         for f in ("limit", "train_limit"):
             v = getattr(self, f)
             if v is not None and v < 2:
@@ -120,7 +123,7 @@ def run(cfg: Config, out: Path, log=print) -> dict:
     fns = tuple(m.logits for m in models.values())
     adv = cached("adv_test", lambda: attack_dataset(
         fns, test.images, test.labels, attack="ensemble", batch_size=cfg.batch_size,
-        config=EnsembleConfig(k=cfg.k, steps=cfg.attack_steps)))
+        config=EnsembleConfig(k=cfg.k, steps=cfg.attack_steps, lr=cfg.attack_lr)))
     res["attack"] = {"n": int(len(adv["labels"])), "success_rate": float(adv["success"].mean()),
                      "median_l2": float(np.median(adv["l2"])), "median_l2_255": float(np.median(adv["l2"]) * 255)}
 
@@ -330,7 +333,9 @@ def report(res: dict) -> str:
         f"(ensemble of ResNet-20 + ResNet-32, k = {res['config']['k']} least-likely targets). Regenerate with "
         "`python -m experiments.dong_probe --out reports/dong"
         + (f" --limit {res['config']['limit']}" if res["config"]["limit"] else "") + "`.", "",
-        f"Ensemble attack: success {a['success_rate']:.4f}, median L2 {a['median_l2']:.4f} "
+        f"Ensemble attack ({res['config']['attack_steps']} Adam steps of "
+        f"{res['config']['attack_lr'] * 255:.3g}/255): success {a['success_rate']:.4f}, "
+        f"median L2 {a['median_l2']:.4f} "
         f"({a['median_l2_255']:.2f} on [0, 255] pixels); the paper gives neither.", "",
         "## Neurons (Fig. 4, 8), ratios (Fig. 5, 9), detection (Fig. 6)", "",
         "| model | LC | CS1 | CS2 | ρ(LC,CS1) | ρ(LC,CS2) | LC σ=3 | CS1 σ=3 | CS2 σ=3 | r1 | r2 | r1 ctrl | r2 ctrl "
@@ -386,10 +391,12 @@ def main(argv=None) -> int:
     p.add_argument("--train-limit", type=int, default=Config.train_limit)
     p.add_argument("--epochs", type=int, default=Config.epochs)
     p.add_argument("--attack-steps", type=int, default=Config.attack_steps)
+    p.add_argument("--attack-lr", type=float, default=Config.attack_lr,
+                   help="Adam step of the ensemble attack in [0, 1] pixels (default 5/255, the paper's)")
     p.add_argument("--batch-size", type=int, default=Config.batch_size)
     args = p.parse_args(argv)
     cfg = Config(limit=args.limit, train_limit=args.train_limit, epochs=args.epochs, attack_steps=args.attack_steps,
-                 batch_size=args.batch_size)
+                 attack_lr=args.attack_lr, batch_size=args.batch_size)
     run(cfg, Path(args.out), log=lambda m: print(m, file=sys.stderr, flush=True))
     return 0
 

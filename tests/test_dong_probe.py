@@ -2,8 +2,10 @@
 consistency, feature ratios, PD tracing, consistency adversarial training and the CLI."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -380,3 +382,16 @@ def test_adv_train_cli_writes_a_model_resumes_and_refuses_other_settings(digits_
     assert main(["eval", "--model", "digits_cnn", "--weights", first["weights"], "--data", "digits", "--limit", "50",
                  "--json"]) == 0
     assert "top1" in capsys.readouterr().out
+
+
+def test_dong_report_renders_the_committed_results_and_checks_the_papers_claims():
+    from experiments.dong_probe import Config, report
+
+    res = json.loads((Path(__file__).resolve().parents[1] / "reports" / "dong" / "dong.json").read_text())
+    res["config"] = dataclasses.asdict(Config(limit=res["config"]["limit"]))
+    text = report(res)
+    assert "5/255" in text and "Shape against the paper" in text
+    assert "- resnet20: r1 > 1 (1.116): yes; r2 < 1 (0.873): yes" in text
+    assert "resnet20_adv beats resnet20 on the saved adversarial set" in text
+    with pytest.raises(ValueError, match="attack_lr"):
+        Config(attack_lr=float("nan"))

@@ -18,9 +18,9 @@ perturbation, which shrinks by 255 on [0, 1]; the same objective therefore
 needs ``λ_[0,1] = 255 · λ_[0,255]``.
 
 Defaults.  ``steps=20`` is the top of the paper's "10 ~ 20 iterations".
-``lr = 6/255`` and ``lam = 0.1·255`` are the conversions of an Adam step
-size of 6 and λ = 0.1 on [0, 255]; the paper gives λ no value, so both are
-plain config fields, unverified against the paper's text.  The objective
+``lr = 5/255`` is the paper's Adam "step size 5" on [0, 255] pixels;
+``lam = 0.1·255`` is λ = 0.1 on [0, 255], a value the paper does not give
+(unverified; a plain config field).  The objective
 (L2 norm, not squared; sum of per-model cross-entropies), Adam, and the
 least-likely targets by average ensemble probability follow the paper.
 ``stop_on_success`` and the [0, 1] projection after every step are this
@@ -51,7 +51,7 @@ from jaxroute.attacks.core import (
 class EnsembleConfig:
     k: int = 1
     lam: float = 0.1 * 255
-    lr: float = 6 / 255
+    lr: float = 5 / 255
     steps: int = 20
     stop_on_success: bool = True
 

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from subprocess_devices import run_with_cpu_devices
 
 from jaxroute.cli.main import main
 from jaxroute.training.adversarial import (
@@ -22,8 +20,6 @@ from jaxroute.training.adversarial import (
     head_name, train_step,
 )
 
-TESTS = Path(__file__).resolve().parent
-ROOT = TESTS.parent
 N_TRAIN, BATCH = 64, 16
 
 
@@ -244,14 +240,7 @@ def test_two_devices_equal_one(run_a, ckpt, tmp_path):
     _, res = run_a
     other = 2 if jax.local_device_count() == 1 else 1
     out = tmp_path / "other"
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import jax, test_advtrain as t; "
-            "assert jax.local_device_count() == int(sys.argv[3]), jax.local_device_count(); "
-            "t.save_fit(sys.argv[2], sys.argv[4])")
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={other}", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    p = subprocess.run([sys.executable, "-c", code, str(TESTS), str(out), str(other), str(ckpt)], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
+    run_with_cpu_devices(other, "test_advtrain", "t.save_fit(argv[0], argv[1])", out, ckpt)
     with np.load(out / "result.npz") as z:
         got = [z[f"arr_{i}"] for i in range(len(z.files))]
     for u, w in zip(leaves_of(res), got):

@@ -3,15 +3,12 @@ other routers on a decoupled checkpoint, and ``decouple_step`` on 2 devices = 1.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from subprocess_devices import run_with_cpu_devices
 
 from jaxroute.cli.main import main
 from jaxroute.decoupling.model import calculation_paths, decoupled_model, save_decoupled
@@ -22,8 +19,6 @@ from jaxroute.routing import DGRConfig, Route, route_outputs
 from jaxroute.routing.controller import ControllerConfig, controller_route
 from jaxroute.weights import load_model
 
-TESTS = Path(__file__).resolve().parent
-ROOT = TESTS.parent
 
 
 def random_decoupled(name="digits_cnn", seed=0, **fields):
@@ -204,13 +199,8 @@ def one_step(sharded: bool):
 
 
 def test_decouple_step_on_two_devices_equals_one(tmp_path):
-    code = ("import sys, pickle; sys.path.insert(0, sys.argv[1]); import jax, test_decoupling_route as t; "
-            "assert jax.local_device_count() == 2, jax.local_devices(); "
-            "pickle.dump(t.one_step(True), open(sys.argv[2], 'wb'))")
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
-    res = subprocess.run([sys.executable, "-c", code, str(TESTS), str(tmp_path / "two.pkl")], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
+    run_with_cpu_devices(2, "test_decoupling_route", "import pickle; pickle.dump(t.one_step(True), open(argv[0], 'wb'))",
+                         tmp_path / "two.pkl")
     import pickle
 
     two = pickle.loads((tmp_path / "two.pkl").read_bytes())

@@ -1,14 +1,12 @@
 """The generic extraction job as a library: batch plans, memory sizes, shards, manifest, resume,
 refusals, processes and devices, with a per-sample function that is not a router."""
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from subprocess_devices import run_with_cpu_devices
 
 from jaxroute.data import Dataset, load_dataset
 from jaxroute.utils import conv_grads
@@ -16,8 +14,6 @@ from jaxroute.extraction import (
     BatchPlan, ExtractionResult, load_manifest, load_shards, parse_bytes, plan_batches, run_extraction, shard_path,
 )
 
-TESTS = Path(__file__).resolve().parent
-ROOT = TESTS.parent
 N = 100            # digits test images used
 BATCH, SHARD = 8, 16
 
@@ -105,14 +101,7 @@ def extract(out, fn=None, *, ds=None, job=JOB, plan=None, extra=None, **kw) -> E
 
 def run_in_subprocess(out: Path, devices: int) -> str:
     """The same extraction in a fresh process with ``devices`` CPU devices; returns its stderr."""
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import test_extraction as t, jax; "
-            "assert jax.local_device_count() == int(sys.argv[3]), jax.local_device_count(); "
-            "t.extract(sys.argv[2])")
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
-    res = subprocess.run([sys.executable, "-c", code, str(TESTS), str(out), str(devices)], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
-    return res.stderr
+    return run_with_cpu_devices(devices, "test_extraction", "t.extract(argv[0])", out)
 
 
 @pytest.fixture(scope="module")

@@ -263,8 +263,13 @@ def full_logits(model, images, batch_size: int = 256) -> np.ndarray:
     """Logits of the ungated network on ``images`` (N, classes), in fixed-shape batches."""
     from jaxroute.utils.devices import map_batches
 
-    f = jax.jit(lambda x: model.logits(x))
+    f = _logits_program(model)
     return map_batches(lambda i, x: f(x), [images], min(batch_size, len(images)))
+
+
+@functools.lru_cache(maxsize=8)  # one compilation per model and shape in a process (e.g. several seeds)
+def _logits_program(model) -> Callable:
+    return jax.jit(lambda x: model.logits(x))
 
 
 # --------------------------------------------------------------------------- the distillation

@@ -217,6 +217,14 @@ def cosine_dissimilarity(vectors) -> np.ndarray:
     return d
 
 
+def closed_points(gates, spec) -> list[list[str]]:
+    """Per gate vector (row of ``gates``), the gate points whose every gate is 0 (the channel group
+    is switched off entirely; after a residual addition that cuts the path from the input)."""
+    gates = np.asarray(gates)
+    return [[n for n, c, o in zip(spec.names, spec.channels, spec.offsets) if not np.any(row[o:o + c] > 0)]
+            for row in gates]
+
+
 def within_between(d: np.ndarray, labels) -> tuple[float, float]:
     """Mean of ``d`` over the pairs (i < j) of the same label and over the pairs of different labels."""
     labels = np.asarray(labels)
@@ -255,7 +263,7 @@ def separability(features, is_adv, groups, *, seed: int, folds: int = 5) -> dict
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import silhouette_score
-    from sklearn.model_selection import GroupKFold, cross_val_score
+    from sklearn.model_selection import cross_val_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
@@ -263,7 +271,12 @@ def separability(features, is_adv, groups, *, seed: int, folds: int = 5) -> dict
     if len(np.unique(groups)) < folds or len(np.unique(y)) < 2:
         return {"silhouette": None, "logreg_accuracy": None, "logreg_std": None, "n": int(len(y))}
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-    acc = cross_val_score(clf, x, y, groups=groups, cv=GroupKFold(folds, shuffle=True, random_state=seed))
+    # the groups dealt round-robin into folds in a seeded random order (GroupKFold shuffles only from
+    # scikit-learn 1.6 on)
+    ids, inverse = np.unique(groups, return_inverse=True)
+    fold_of = np.random.default_rng(seed).permutation(len(ids))[inverse] % folds
+    cv = [(np.flatnonzero(fold_of != k), np.flatnonzero(fold_of == k)) for k in range(folds)]
+    acc = cross_val_score(clf, x, y, cv=cv)
     return {"silhouette": _float(silhouette_score(x, y)), "logreg_accuracy": float(acc.mean()),
             "logreg_std": float(acc.std()), "n": int(len(y))}
 
@@ -337,12 +350,14 @@ def run_model(cfg: Config, name: str, model, weights: Path, train, test, wordnet
         return {"full": [_float(v) for v in full], "subnet": [_float(v) for v in sub]}
 
     aucs = _stage(timings, f"auc_{name}", lambda: _cached_json(cache / "auc.json", auc))
+    closed = closed_points(gates, model.spec)
     rows = []
     for c in range(model.num_classes):
         k = int(np.flatnonzero(subs.classes == c)[0])
         f, s = aucs["full"][c], aucs["subnet"][c]
         rows.append({"class": names[c], "sparsity": float(subs.sparsity[k]),
                      "selected_epoch": int(subs.selected_epoch[k]), "fallback": bool(subs.fallback[k]),
+                     "closed_points": closed[c],
                      "auc_full": f, "auc_subnet": s,
                      "auc_gap_points": None if f is None or s is None else 100 * (f - s)})
     gaps = [r["auc_gap_points"] for r in rows]
@@ -621,13 +636,18 @@ def report(res: dict) -> str:
     for name, m in res["models"].items():
         c = m["checks"]
         lines += [f"## {name}", "", "### Subnetworks: sparsity and one-vs-rest AUC of logit c (test images)", "",
-                  "| class | sparsity | selected epoch | fallback | AUC full | AUC subnet | gap (points) |",
-                  "|---|---:|---:|---|---:|---:|---:|"]
+                  "| class | sparsity | selected epoch | fallback | AUC full | AUC subnet | gap (points) | "
+                  "closed gate points |",
+                  "|---|---:|---:|---|---:|---:|---:|---|"]
         for r in m["classes"]:
             lines.append(f"| {r['class']} | {r['sparsity']:.4f} | {r['selected_epoch']} | "
                          f"{'yes' if r['fallback'] else 'no'} | {_f(r['auc_full'])} | {_f(r['auc_subnet'])} | "
-                         f"{_f(r['auc_gap_points'], '{:+.2f}')} |")
-        lines += ["", f"- AUC check (every subnet within {c['auc']['limit_points']:g} points of the full network, "
+                         f"{_f(r['auc_gap_points'], '{:+.2f}')} | {len(r['closed_points'])}"
+                         + (f" ({', '.join(r['closed_points'][:3])}{', ...' if len(r['closed_points']) > 3 else ''})"
+                            if r["closed_points"] else "") + " |")
+        lines += ["", "Closed gate points: gate points whose every gate is 0 in the subnetwork (up to three named); "
+                  "a closed point after a residual addition cuts every path from the input, which leaves logit c "
+                  "constant and every saliency map zero.", "", f"- AUC check (every subnet within {c['auc']['limit_points']:g} points of the full network, "
                   f"gap = full - subnet): **{'PASS' if c['auc']['passed'] else 'FAIL'}** (largest gap "
                   f"{_f(c['auc']['max_gap_points'], '{:+.2f}')} points)",
                   f"- Sparsity check (every sparsity <= τ = {c['sparsity']['tau']:g} or flagged as fallback): "
@@ -644,6 +664,8 @@ def report(res: dict) -> str:
         s = m["seeds"]
         lines += [f"### Fig. 3 analogue: {s['n_seeds']} subnetworks per class", "",
                   f"![subnetworks of several seeds]({m['figures']['seeds']})", "",
+                  f"Seeds 0-{s['n_seeds'] - 1} of every class, {cfg['embedding'].upper()} of the gate vectors "
+                  "(cosine metric). "
                   f"Mean cosine distance within a class (across seeds) {_f(s['within_class_cosine_distance'])}, "
                   f"between classes {_f(s['between_class_cosine_distance'])}; silhouette by class (cosine) "
                   f"{_f(s['silhouette_by_class'], '{:+.3f}')}. The paper: subnetworks of one class from different "
@@ -651,6 +673,8 @@ def report(res: dict) -> str:
         f = m["fig2"]
         lines += ["### Fig. 2 analogue: clean vs FGSM features, full weights vs predicted-class subnetwork", "",
                   f"![features]({m['figures']['features']})", "",
+                  f"{cfg['embedding'].upper()} of each feature space; the numbers below are computed on the "
+                  "features themselves. "
                   f"FGSM ε = {f['eps'] * 255:.3g}/255: clean accuracy {f['clean_accuracy']:.4f}, attack success "
                   f"on the clean-correct images {_f(f['attack_success'])}; {f['n_selected']} of {f['n_images']} "
                   f"images selected (clean-correct, adversarial wrong), {f['feature_dim']}-d features.", "",

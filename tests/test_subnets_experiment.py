@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from experiments.subnets import (METHODS, Config, command, cosine_dissimilarity, embed_2d, main, report, run,
-                                 run_label, separability, within_between)
+from experiments.subnets import (METHODS, Config, closed_points, command, cosine_dissimilarity, embed_2d, main,
+                                 report, run, run_label, separability, within_between)
 
 STAGES = ("subnets", "auc", "seeds", "seed_embedding", "features", "feature_embedding", "localize", "grid")
 
@@ -56,6 +56,14 @@ def test_cosine_dissimilarity_and_within_between():
     assert within == pytest.approx((0 + 1) / 2) and between == pytest.approx(1.0)
 
 
+def test_closed_points_name_the_gate_points_with_every_gate_zero():
+    from jaxroute.models.gates import GateSpec
+
+    spec = GateSpec(("a", "b", "c"), (2, 3, 1))
+    gates = np.array([[0, 0, 0, 0.5, 0, 0], [1, 0, 0, 0, 0, 2]])
+    assert closed_points(gates, spec) == [["a", "c"], ["b"]]
+
+
 def test_separability_keeps_pairs_in_one_fold_and_separates_separable_features():
     rng = np.random.default_rng(0)
     clean = rng.normal(size=(20, 4))
@@ -96,6 +104,7 @@ def test_subnets_experiment_end_to_end_resumes_and_refuses_other_arguments(share
         assert (out / f).stat().st_size > 100, f
     assert len(m["classes"]) == 10 and all(0 <= r["sparsity"] <= 1 for r in m["classes"])
     assert all(r["selected_epoch"] == 1 and 0 <= r["auc_subnet"] <= 1 for r in m["classes"])
+    assert all(isinstance(r["closed_points"], list) for r in m["classes"])
     assert set(m["checks"]) == {"auc", "sparsity"} and isinstance(m["checks"]["auc"]["passed"], bool)
     t = m["dendrogram"]
     assert np.asarray(t["matrix"]).shape == (10, 10) and sorted(t["leaf_order"]) == sorted(res["class_names"])

@@ -13,10 +13,14 @@ real weights for the routing, attack and command-line tests.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# `pytest -n auto` runs several test processes; on a GPU each would otherwise reserve most of its memory.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
 CIFAR10_JPEG = SHARED_DIR / "data" / "cifar10-jpeg"

@@ -482,6 +482,8 @@ def test_dgr_with_column_paired_convs_matches_plain_loop(resnet20, images, monke
             np.testing.assert_allclose(float(r.loss[i]), ref_loss, rtol=1e-10)
 
 
+# slow: test_dgr_batch_invariance_digits and test_batch_invariance_alone_vs_batch_of_256 cover it by default
+@pytest.mark.slow
 def test_batch_invariance_across_batch_shapes_float64(resnet20, images):
     x, _ = images
     with jax.enable_x64():
@@ -494,6 +496,8 @@ def test_batch_invariance_across_batch_shapes_float64(resnet20, images):
             np.testing.assert_allclose(np.asarray(alone.cdrp[0]), np.asarray(batch.cdrp[i]), atol=1e-8)
 
 
+# slow: test_dgr_route_invariants_digits checks the same invariants by default
+@pytest.mark.slow
 def test_dgr_output_invariants(resnet20, images):
     x, _ = images
     x = x[::2]
@@ -525,6 +529,8 @@ def test_batch_invariance_alone_vs_batch_of_256(resnet20, images):
         np.testing.assert_array_equal(alone["loss"][0], batch["loss"][i])
 
 
+# slow: test_optimizer_is_swappable_digits checks the same by default
+@pytest.mark.slow
 def test_optimizer_is_swappable(resnet20, images):
     x, _ = images
     cfg = DGRConfig(steps=4)

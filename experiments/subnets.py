@@ -122,6 +122,13 @@ class Config:
         if self.embedding not in EMBEDDINGS:
             raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {self.embedding!r}")
 
+    def check_installed(self) -> None:
+        """ValueError naming the missing package when the embedding's library is not installed."""
+        import importlib.util
+
+        if self.embedding == "umap" and importlib.util.find_spec("umap") is None:
+            raise ValueError("embedding umap needs umap-learn: pip install -e '.[experiments]' (or --embedding pca)")
+
     def cache_key(self) -> dict:
         return {f: getattr(self, f) for f in self.CACHE_FIELDS}
 
@@ -291,6 +298,7 @@ def run(cfg: Config, out: Path, log=print) -> dict:
     from jaxroute.utils.io import atomic_write_json, atomic_write_text
     from jaxroute.weights import load_model
 
+    cfg.check_installed()
     out = Path(out)
     cache = out / "cache"
     cache.mkdir(parents=True, exist_ok=True)
@@ -755,6 +763,7 @@ def main(argv=None) -> int:
                      methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
                      embedding=args.embedding, permutations=args.permutations, batch_size=args.batch_size,
                      seed=args.seed)
+        cfg.check_installed()
     except ValueError as e:
         p.error(str(e))
     run(cfg, Path(args.out), log=lambda m: print(m, file=sys.stderr, flush=True))

@@ -83,6 +83,7 @@ def test_pca_embedding_is_two_dimensional_and_seeded():
 @pytest.mark.slow
 def test_umap_embedding_is_two_dimensional_and_seeded():
     """UMAP's numba kernels compile on first use (about a minute of CPU), hence slow."""
+    pytest.importorskip("umap", reason="umap-learn is the experiments extra: pip install -e '.[experiments]'")
     x = np.random.default_rng(0).normal(size=(30, 5))
     e = embed_2d(x, method="umap", seed=0, metric="cosine")
     assert e.shape == (30, 2) and np.all(np.isfinite(e))

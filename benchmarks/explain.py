@@ -3,6 +3,7 @@
     python -m benchmarks.explain                       # 100 test images, batches of 20, all six methods
     python -m benchmarks.explain --n 20 --batch 10 --repeats 1 --methods gradient,grad_cam
     python -m benchmarks.explain --gated               # also under per-image class gates
+    python -m benchmarks.explain --methods "" --subnet-images 1000   # only the subnet distillation rows
 
 Both libraries explain the SAME images (the first n/10 CIFAR-10 JPEG test
 images of every class, ``../shared/data/cifar10-jpeg/test``; synthetic
@@ -24,7 +25,15 @@ them.  Times: the whole set of n images, median of ``--repeats`` runs; the
 JAX compile time separately (excluded).  The column "max |diff| / max |map|"
 compares the two libraries' maps (SmoothGrad draws different noise on each
 side here, so its row differs by the noise; the tests compare it on shared
-noise).  Output: machine info, a markdown table, one JSON line (last line).
+noise).
+
+``--subnet-images N`` adds the class-subnetwork distillation
+(:func:`jaxroute.routing.subnet.distill_subnets`, the paper's settings, one
+epoch) of all ten classes on the first N training images (class-interleaved):
+all classes in one compiled program vs the same ten classes one at a time
+(``classes=[c]``, one program for the shape of a single class), each timed
+after a first run that compiles it (the full network's logits computed once
+and given to both).  Output: machine info, markdown tables, one JSON line (last line).
 """
 from __future__ import annotations
 
@@ -135,6 +144,50 @@ def run_captum(tm, method, x, y, gates, batch, repeats):
     return statistics.median(times), maps
 
 
+def load_train_images(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first n training images, classes interleaved (synthetic without ../shared)."""
+    train = DATA_DIR.parent / "train"
+    if train.is_dir():
+        from jaxroute.data import load_dataset
+
+        ds = load_dataset(str(DATA_DIR.parent), "train", limit=n).materialize()
+        return np.asarray(ds.images, np.float32), np.asarray(ds.labels)
+    rng = np.random.default_rng(1)
+    return rng.random((n, 32, 32, 3), dtype=np.float32), np.arange(n) % 10
+
+
+def run_subnets(model, n: int, repeats: int) -> dict:
+    """Seconds of one distillation epoch of all ten classes: one program vs one class at a time."""
+    from jaxroute.routing.subnet import SubnetConfig, distill_subnets, full_logits
+
+    x, y = load_train_images(n)
+    logits = full_logits(model, x)
+    cfg = SubnetConfig(epochs=1)
+
+    def together():
+        return distill_subnets(model, x, y, config=cfg, logits=logits).gates
+
+    def one_by_one():
+        return np.concatenate([distill_subnets(model, x, y, config=cfg, logits=logits, classes=[c]).gates
+                               for c in range(model.num_classes)])
+
+    row = {"images": n, "classes": model.num_classes, "epochs": 1}
+    for name, fn in (("one_program", together), ("one_class_at_a_time", one_by_one)):
+        t0 = time.perf_counter()
+        gates = fn()                      # compiles
+        row[f"{name}_first_s"] = time.perf_counter() - t0
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        row[f"{name}_s"] = statistics.median(times)
+        row[f"{name}_gates"] = gates
+    row["max_gate_diff"] = float(np.abs(row.pop("one_program_gates") - row.pop("one_class_at_a_time_gates")).max())
+    row["ratio"] = row["one_class_at_a_time_s"] / row["one_program_s"]
+    return row
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=100, help="number of test images (default 100)")
@@ -144,10 +197,14 @@ def main(argv=None) -> int:
     ap.add_argument("--devices", type=int, default=None, help="JAX CPU devices (default: one per core)")
     ap.add_argument("--methods", default=",".join(METHOD_NAMES), help="comma-separated subset")
     ap.add_argument("--gated", action="store_true", help="also explain under per-image class gates")
+    ap.add_argument("--subnet-images", type=int, default=0,
+                    help="also time one subnet-distillation epoch on this many training images (default: skip)")
     args = ap.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
-    if any(m not in METHOD_NAMES for m in methods) or args.n < 1 or args.batch < 1 or args.n % args.batch:
-        print(f"--methods must be of {METHOD_NAMES}; --batch must divide --n", file=sys.stderr)
+    if (any(m not in METHOD_NAMES for m in methods) or args.n < 1 or args.batch < 1 or args.n % args.batch
+            or args.subnet_images < 0):
+        print(f"--methods must be of {METHOD_NAMES}; --batch must divide --n; --subnet-images must be >= 0",
+              file=sys.stderr)
         return 2
 
     import jax
@@ -203,15 +260,28 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"[{m}{' gated' if gated else ''}] {row}", file=sys.stderr, flush=True)
 
-    print("| method | weights | jaxroute maps/s (compile s) | Captum maps/s | jaxroute / Captum | max |diff| / max |map| |")
-    print("|---|---|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['method']} | {'class gates' if r['gated'] else 'full'} | {r['jax_maps_per_s']:.1f} "
-              f"({r['jax_compile_s']:.1f}) | {r['captum_maps_per_s']:.1f} | {r['ratio']:.2f}× | "
-              f"{r['max_rel_diff']:.1e} |")
-    print(f"\nTimes for all {len(x)} images, median of {args.repeats} runs, JAX compile excluded; load average at "
-          f"the end {os.getloadavg() if hasattr(os, 'getloadavg') else 'n/a'}.")
-    print(json.dumps({"benchmark": "explain", "n": len(x), "batch": args.batch, "machine": info, "rows": rows}))
+    if rows:
+        print("| method | weights | jaxroute maps/s (compile s) | Captum maps/s | jaxroute / Captum | max |diff| / max |map| |")
+        print("|---|---|---:|---:|---:|---:|")
+        for r in rows:
+            print(f"| {r['method']} | {'class gates' if r['gated'] else 'full'} | {r['jax_maps_per_s']:.1f} "
+                  f"({r['jax_compile_s']:.1f}) | {r['captum_maps_per_s']:.1f} | {r['ratio']:.2f}× | "
+                  f"{r['max_rel_diff']:.1e} |")
+        print(f"\nTimes for all {len(x)} images, median of {args.repeats} runs, JAX compile excluded.")
+    subnets = None
+    if args.subnet_images:
+        subnets = run_subnets(model, args.subnet_images, args.repeats)
+        print(f"\n| subnet distillation, 1 epoch, {subnets['images']} training images | seconds (first run, with "
+              "compile) | ratio |\n|---|---:|---:|")
+        print(f"| all {subnets['classes']} classes in one program | {subnets['one_program_s']:.1f} "
+              f"({subnets['one_program_first_s']:.1f}) | 1.00× |")
+        print(f"| one class at a time | {subnets['one_class_at_a_time_s']:.1f} "
+              f"({subnets['one_class_at_a_time_first_s']:.1f}) | {subnets['ratio']:.2f}× |")
+        print(f"\nMedian of {args.repeats} runs after the first; max |gate difference| between the two "
+              f"{subnets['max_gate_diff']:.1e}.")
+    print(f"Load average at the end {os.getloadavg() if hasattr(os, 'getloadavg') else 'n/a'}.")
+    print(json.dumps({"benchmark": "explain", "n": len(x), "batch": args.batch, "machine": info, "rows": rows,
+                      "subnets": subnets}))
     return 0
 
 

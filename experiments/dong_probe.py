@@ -37,12 +37,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from experiments.common import configure_and_run
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MODELS = {"resnet20": "resnet20-12fca82f.th", "resnet32": "resnet32-d509ac18.th"}
@@ -93,7 +94,7 @@ def run(cfg: Config, out: Path, log=print) -> dict:
     from jaxroute.data import Dataset, load_dataset, save_arrays_split
     from jaxroute.training import eval_logits, topk_accuracy
     from jaxroute.training.adversarial import AdvTrainConfig, adversarial_fit
-    from jaxroute.utils.cache import check_cache_config
+    from jaxroute.utils.cache import cached_json, check_cache_config
     from jaxroute.utils.io import atomic_write_json, atomic_write_text
     from jaxroute.weights import load_model
 
@@ -128,33 +129,32 @@ def run(cfg: Config, out: Path, log=print) -> dict:
                      "median_l2": float(np.median(adv["l2"])), "median_l2_255": float(np.median(adv["l2"]) * 255)}
 
     def probe_model(tag, model):
-        path = cache / f"probe_{tag}.json"
-        if path.exists():
-            return json.loads(path.read_text())
-        rows = {}
-        for pt in (cfg.point, "pooled"):
-            p = None if pt == "pooled" else pt
-            if p is None:  # the pooled features: the last gate point reduced by mean = GAP
-                s, arr = _probe_pooled(model, test, adv, corr[1.0], train, cfg)
-            else:
-                s, arr = probe(model, test, adv, corr[1.0], train=train, point=p, top_frac=cfg.top_frac,
-                               batch_size=cfg.batch_size)
-            rows[pt] = s
-            if p is not None:
-                lc3, c13, c23 = (np.asarray(a) for a in consistency_scores(arr["p"], arr["q"], arr["qt"],
-                                                                          corr[3.0].astype(np.float32)))
-                rows["sigma3"] = {"lc_mean": float(lc3.mean()), "cs1_mean": float(c13.mean()),
-                                  "cs2_mean": float(c23.mean())}
-                curves = {}
-                for name in ("cs1", "cs2"):
-                    edges, means, counts = binned_curve(arr["lc"], arr[name], bins=10)
-                    curves[name] = [None if np.isnan(v) else float(v) for v in np.asarray(means)]
-                curves["edges"] = [float(e) for e in np.asarray(edges)]
-                curves["counts"] = [int(c) for c in np.asarray(counts)]
-                rows["fig4"] = curves
-                _plot_fig4(curves, out / f"fig4_{tag}.png", tag)
-        atomic_write_json(path, rows)
-        return rows
+        def compute() -> dict:
+            rows = {}
+            for pt in (cfg.point, "pooled"):
+                p = None if pt == "pooled" else pt
+                if p is None:  # the pooled features: the last gate point reduced by mean = GAP
+                    s, arr = _probe_pooled(model, test, adv, corr[1.0], train, cfg)
+                else:
+                    s, arr = probe(model, test, adv, corr[1.0], train=train, point=p, top_frac=cfg.top_frac,
+                                   batch_size=cfg.batch_size)
+                rows[pt] = s
+                if p is not None:
+                    lc3, c13, c23 = (np.asarray(a) for a in consistency_scores(arr["p"], arr["q"], arr["qt"],
+                                                                              corr[3.0].astype(np.float32)))
+                    rows["sigma3"] = {"lc_mean": float(lc3.mean()), "cs1_mean": float(c13.mean()),
+                                      "cs2_mean": float(c23.mean())}
+                    curves = {}
+                    for name in ("cs1", "cs2"):
+                        edges, means, counts = binned_curve(arr["lc"], arr[name], bins=10)
+                        curves[name] = [None if np.isnan(v) else float(v) for v in np.asarray(means)]
+                    curves["edges"] = [float(e) for e in np.asarray(edges)]
+                    curves["counts"] = [int(c) for c in np.asarray(counts)]
+                    rows["fig4"] = curves
+                    _plot_fig4(curves, out / f"fig4_{tag}.png", tag)
+            return rows
+
+        return cached_json(cache / f"probe_{tag}.json", compute)
 
     res["probe"] = {n: probe_model(n, m) for n, m in models.items()}
 
@@ -395,10 +395,9 @@ def main(argv=None) -> int:
                    help="Adam step of the ensemble attack in [0, 1] pixels (default 5/255, the paper's)")
     p.add_argument("--batch-size", type=int, default=Config.batch_size)
     args = p.parse_args(argv)
-    cfg = Config(limit=args.limit, train_limit=args.train_limit, epochs=args.epochs, attack_steps=args.attack_steps,
-                 attack_lr=args.attack_lr, batch_size=args.batch_size)
-    run(cfg, Path(args.out), log=lambda m: print(m, file=sys.stderr, flush=True))
-    return 0
+    return configure_and_run(p, lambda: Config(
+        limit=args.limit, train_limit=args.train_limit, epochs=args.epochs, attack_steps=args.attack_steps,
+        attack_lr=args.attack_lr, batch_size=args.batch_size), run, args.out)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,8 @@ import sys
 import time
 from pathlib import Path
 
+from experiments.common import comma_list, configure_and_run
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MODELS = {"resnet20": "resnet20-12fca82f.th", "resnet32": "resnet32-d509ac18.th"}
 ATTACKS = ("fgsm", "bim", "deepfool", "cw")
@@ -199,26 +201,23 @@ def clean_only_aurocs(cache: Path, cfg: Config) -> dict:
     The same cached characteristics, split and choice of ε as the table, but the label-0 noisy
     block is the clean block again: how much of the gap to 1 the noisy twins cause.
     """
-    import json
-
     import numpy as np
 
     from jaxroute.detection.mahalanobis import LEE_EPSILONS
     from jaxroute.detection.protocol import run_protocol
-    from jaxroute.utils.io import atomic_write_json
+    from jaxroute.utils.cache import cached_json
 
-    path = Path(cache) / "mahalanobis-clean-only.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    chars = {}
-    for a in ATTACKS:
-        with np.load(Path(cache) / "scores" / f"mahalanobis-{a}.npz") as z:
-            adv, clean = z["adv"], z["clean"]
-        chars[a] = {f"eps={e:g}": (adv[:, :, k], clean[:, :, k], clean[:, :, k]) for k, e in enumerate(LEE_EPSILONS)}
-    res = run_protocol(chars, runs=cfg.runs, seed=cfg.seed, known="fgsm")
-    out = {a: v["mean"] for a, v in res["known"].items()}
-    atomic_write_json(path, out)
-    return out
+    def compute() -> dict:
+        chars = {}
+        for a in ATTACKS:
+            with np.load(Path(cache) / "scores" / f"mahalanobis-{a}.npz") as z:
+                adv, clean = z["adv"], z["clean"]
+            chars[a] = {f"eps={e:g}": (adv[:, :, k], clean[:, :, k], clean[:, :, k])
+                        for k, e in enumerate(LEE_EPSILONS)}
+        res = run_protocol(chars, runs=cfg.runs, seed=cfg.seed, known="fgsm")
+        return {a: v["mean"] for a, v in res["known"].items()}
+
+    return cached_json(Path(cache) / "mahalanobis-clean-only.json", compute)
 
 
 def other_lid_rule_aurocs(cache: Path, cfg: Config, log=print) -> dict:
@@ -236,28 +235,28 @@ def other_lid_rule_aurocs(cache: Path, cfg: Config, log=print) -> dict:
     from jaxroute.detection.lid import LIDConfig, lid_features
     from jaxroute.detection.protocol import run_protocol, select
     from jaxroute.extraction import load_shards
-    from jaxroute.utils.io import atomic_write_json
+    from jaxroute.utils.cache import cached_json
 
     rule = "all" if cfg.lid_rule == "self" else "self"
-    path = Path(cache) / f"lid-rule-{rule}.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    points = json.loads((Path(cache) / "features" / "clean" / "manifest.json").read_text())["job"]["points"]
-    clean = load_features(load_shards(Path(cache) / "features" / "clean"), points)
-    chars, lcfg = {}, LIDConfig(drop_first=rule)
-    for a in ATTACKS:
-        with np.load(Path(cache) / "attacks" / f"{a}.npz") as z:
-            i = np.flatnonzero(select(z["labels"], z["clean_pred"], z["noisy_pred"], z["adv_pred"]))
-        twins = [[f[i] for f in load_features(load_shards(Path(cache) / "features" / f"{a}-{k}"), points)]
-                 for k in ("adv", "noisy")]
-        c, ad, no = lid_features([f[i] for f in clean], twins, lcfg)
-        chars[a] = {f"k={k}": (ad[:, :, j], c[:, :, j], no[:, :, j]) for j, k in enumerate(lcfg.ks)}
-    res = run_protocol(chars, runs=cfg.runs, seed=cfg.seed, known="fgsm")
-    out = {"rule": rule, "known": {a: v["mean"] for a, v in res["known"].items()},
-           "unknown": {a: v["mean"] for a, v in res["unknown"].items()}}
-    atomic_write_json(path, out)
-    log(f"LID with rule {rule!r}: " + ", ".join(f"{a} {v:.4f}" for a, v in out["known"].items()))
-    return out
+
+    def compute() -> dict:
+        points = json.loads((Path(cache) / "features" / "clean" / "manifest.json").read_text())["job"]["points"]
+        clean = load_features(load_shards(Path(cache) / "features" / "clean"), points)
+        chars, lcfg = {}, LIDConfig(drop_first=rule)
+        for a in ATTACKS:
+            with np.load(Path(cache) / "attacks" / f"{a}.npz") as z:
+                i = np.flatnonzero(select(z["labels"], z["clean_pred"], z["noisy_pred"], z["adv_pred"]))
+            twins = [[f[i] for f in load_features(load_shards(Path(cache) / "features" / f"{a}-{k}"), points)]
+                     for k in ("adv", "noisy")]
+            c, ad, no = lid_features([f[i] for f in clean], twins, lcfg)
+            chars[a] = {f"k={k}": (ad[:, :, j], c[:, :, j], no[:, :, j]) for j, k in enumerate(lcfg.ks)}
+        res = run_protocol(chars, runs=cfg.runs, seed=cfg.seed, known="fgsm")
+        out = {"rule": rule, "known": {a: v["mean"] for a, v in res["known"].items()},
+               "unknown": {a: v["mean"] for a, v in res["unknown"].items()}}
+        log(f"LID with rule {rule!r}: " + ", ".join(f"{a} {v:.4f}" for a, v in out["known"].items()))
+        return out
+
+    return cached_json(Path(cache) / f"lid-rule-{rule}.json", compute)
 
 
 def split_rows(n: int) -> dict:
@@ -464,16 +463,11 @@ def main(argv=None) -> int:
     p.add_argument("--models-dir", default=d.models_dir)
     p.add_argument("--data", default=d.data)
     args = p.parse_args(argv)
-    try:
-        cfg = Config(models_dir=str(Path(args.models_dir).resolve()), data=str(Path(args.data).resolve()),
-                     models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
-                     limit=args.limit or None, train_limit=args.train_limit, subnets=args.subnets,
-                     lid_rule=args.lid_rule, pu_passes=args.pu_passes, runs=args.runs, batch_size=args.batch_size,
-                     seed=args.seed)
-    except ValueError as e:
-        p.error(str(e))
-    run(cfg, Path(args.out), log=lambda m: print(m, file=sys.stderr, flush=True))
-    return 0
+    return configure_and_run(p, lambda: Config(
+        models_dir=str(Path(args.models_dir).resolve()), data=str(Path(args.data).resolve()),
+        models=comma_list(args.models), limit=args.limit or None, train_limit=args.train_limit, subnets=args.subnets,
+        lid_rule=args.lid_rule, pu_passes=args.pu_passes, runs=args.runs, batch_size=args.batch_size,
+        seed=args.seed), run, args.out)
 
 
 if __name__ == "__main__":

@@ -43,13 +43,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from experiments.common import comma_list, configure_and_run
+from jaxroute.utils.cache import cached_json, cached_npz
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MODELS = {"resnet20": "resnet20-12fca82f.th", "resnet32": "resnet32-d509ac18.th"}
@@ -179,26 +181,6 @@ def subnet_config(cfg: Config, seed: int):
 
 
 # --------------------------------------------------------------------------- cached helpers
-def _cached_json(path: Path, make):
-    """The JSON at ``path``, computed by ``make()`` and written atomically the first time."""
-    from jaxroute.utils.io import atomic_write_json
-
-    if path.exists():
-        return json.loads(path.read_text())
-    value = make()
-    atomic_write_json(path, value)
-    return json.loads(path.read_text())
-
-
-def _cached_npz(path: Path, make) -> dict:
-    from jaxroute.utils.io import atomic_save_npz
-
-    if not path.exists():
-        atomic_save_npz(path, **make())
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
-
-
 def _stage(timings, stage: str, fn):
     t = time.perf_counter()
     value = fn()
@@ -357,7 +339,7 @@ def run_model(cfg: Config, name: str, model, weights: Path, train, test, wordnet
         full, sub = subnet_auc(model, gates, test.images, test.labels, batch_size=cfg.batch_size)
         return {"full": [_float(v) for v in full], "subnet": [_float(v) for v in sub]}
 
-    aucs = _stage(timings, f"auc_{name}", lambda: _cached_json(cache / "auc.json", auc))
+    aucs = _stage(timings, f"auc_{name}", lambda: cached_json(cache / "auc.json", auc))
     closed = closed_points(gates, model.spec)
     rows = []
     for c in range(model.num_classes):
@@ -395,7 +377,7 @@ def run_model(cfg: Config, name: str, model, weights: Path, train, test, wordnet
     within, between = within_between(dv, labels)
     from sklearn.metrics import silhouette_score
 
-    seed_emb = _stage(timings, f"seed_embedding_{name}", lambda: _cached_npz(cache / "seed_embedding.npz", lambda: {
+    seed_emb = _stage(timings, f"seed_embedding_{name}", lambda: cached_npz(cache / "seed_embedding.npz", lambda: {
         "xy": embed_2d(vectors, method=cfg.embedding, seed=cfg.seed, metric="cosine")}))["xy"]
     plot_embedding({"subnetworks": seed_emb}, labels, names, out / f"seeds_{name}.png",
                    f"{name}: {cfg.seeds} subnetworks per class ({cfg.embedding.upper()}, cosine)")
@@ -405,7 +387,7 @@ def run_model(cfg: Config, name: str, model, weights: Path, train, test, wordnet
              "sparsity_mean_per_seed": [float(np.mean(s > 0)) for s in stack]}
 
     # 4. Fig. 2: penultimate features of clean and FGSM images, full vs subnet
-    feats = _stage(timings, f"features_{name}", lambda: _cached_npz(cache / "features.npz",
+    feats = _stage(timings, f"features_{name}", lambda: cached_npz(cache / "features.npz",
                                                                     lambda: fig2_features(model, gates, test, cfg)))
     sel = feats["selected"]
     groups = np.concatenate([np.flatnonzero(sel), np.flatnonzero(sel)])
@@ -421,7 +403,7 @@ def run_model(cfg: Config, name: str, model, weights: Path, train, test, wordnet
         return {s: embed_2d(v["x"], method=cfg.embedding, seed=cfg.seed) for s, v in spaces.items()}
 
     emb = _stage(timings, f"feature_embedding_{name}",
-                 lambda: _cached_npz(cache / "feature_embedding.npz", embed_features))
+                 lambda: cached_npz(cache / "feature_embedding.npz", embed_features))
     plot_embedding({f"{s} weights" if s == "full" else "predicted-class subnetwork": emb[s] for s in spaces}, is_adv,
                    ["clean", f"FGSM ε={cfg.eps * 255:.3g}/255"], out / f"features_{name}.png",
                    f"{name}: penultimate features ({cfg.embedding.upper()})")
@@ -443,10 +425,10 @@ def run_model(cfg: Config, name: str, model, weights: Path, train, test, wordnet
                         key=jax.random.key(cfg.seed), batch_size=min(cfg.batch_size, 64),
                         log=lambda m: log(f"{name} {m}"))
 
-    loc = _stage(timings, f"localize_{name}", lambda: _cached_json(cache / "table1.json", table1))
+    loc = _stage(timings, f"localize_{name}", lambda: cached_json(cache / "table1.json", table1))
 
     # 6. saliency grid
-    grid = _stage(timings, f"grid_{name}", lambda: _cached_npz(cache / "grid.npz",
+    grid = _stage(timings, f"grid_{name}", lambda: cached_npz(cache / "grid.npz",
                                                               lambda: grid_maps(model, gates, test, cfg)))
     plot_grid(grid, names, cfg.methods, out / f"saliency_{name}.png", name)
 
@@ -752,22 +734,19 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=d.data)
     p.add_argument("--wordnet", default=d.wordnet)
     args = p.parse_args(argv)
-    try:
+
+    def make_config() -> Config:
         cfg = Config(models_dir=str(Path(args.models_dir).resolve()), data=str(Path(args.data).resolve()),
-                     wordnet=str(Path(args.wordnet).resolve()),
-                     models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
+                     wordnet=str(Path(args.wordnet).resolve()), models=comma_list(args.models),
                      train_limit=args.train_limit, test_limit=args.test_limit, seeds=args.seeds,
                      n_train_canvases=args.n_train_canvases, n_test_canvases=args.n_test_canvases,
-                     grid_images=args.grid_images, epochs=args.epochs,
-                     subnet_batch=args.subnet_batch, eps=args.eps,
-                     methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-                     embedding=args.embedding, permutations=args.permutations, batch_size=args.batch_size,
-                     seed=args.seed)
+                     grid_images=args.grid_images, epochs=args.epochs, subnet_batch=args.subnet_batch, eps=args.eps,
+                     methods=comma_list(args.methods), embedding=args.embedding, permutations=args.permutations,
+                     batch_size=args.batch_size, seed=args.seed)
         cfg.check_installed()
-    except ValueError as e:
-        p.error(str(e))
-    run(cfg, Path(args.out), log=lambda m: print(m, file=sys.stderr, flush=True))
-    return 0
+        return cfg
+
+    return configure_and_run(p, make_config, run, args.out)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,33 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
-from jaxroute.utils.io import atomic_write_json, jsonable
+import numpy as np
+
+from jaxroute.utils.io import atomic_save_npz, atomic_write_json, jsonable
+
+
+def cached_json(path, make: Callable[[], Any]) -> Any:
+    """The JSON value at ``path``; when absent, ``make()`` is computed and written atomically.
+
+    The value is always the one read back from the file, so a first run and a
+    resumed one see the same types (lists, plain floats).
+    """
+    path = Path(path)
+    if not path.exists():
+        atomic_write_json(path, make())
+    return json.loads(path.read_text())
+
+
+def cached_npz(path, make: Callable[[], dict]) -> dict[str, np.ndarray]:
+    """The arrays of the ``.npz`` at ``path``; when absent, ``make()`` (name -> array) is computed and
+    saved atomically first."""
+    path = Path(path)
+    if not path.exists():
+        atomic_save_npz(path, **make())
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
 
 
 def check_cache_config(cache, key: dict) -> None:

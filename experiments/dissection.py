@@ -18,9 +18,9 @@ stage with their masks, clean and under the first ``--eps`` with the clean
 thresholds) and ``caps.json`` (the IoU caps of the image-level labels).
 
 The missing experiment (Xie et al. propose adversarial training with CORAL and
-MMD but never run it): each model is fine-tuned on the CIFAR-10 training split
-(``--train-limit`` first images) for ``--advtrain-epochs`` epochs (default 3;
-0 skips it) with the library's one adversarial-training step
+MMD but never run it): each model of ``--advtrain-models`` (default: every model)
+is fine-tuned on the CIFAR-10 training split (``--train-limit`` first images) for
+``--advtrain-epochs`` epochs (default 3; 0 skips it) with the library's one adversarial-training step
 (:mod:`jaxroute.training.adversarial`, ``objective="xie"``: untargeted FGSM on
 the model's predictions at ε = 0.0112, CE + CE_adv) in three settings,
 beside the pretrained model:
@@ -223,9 +223,19 @@ def main(argv=None) -> int:
                     help="epochs of each adversarial training of the missing experiment (0 skips it)")
     ap.add_argument("--train-limit", type=int, default=None,
                     help="first N training images for the adversarial training (default all 50,000)")
+    ap.add_argument("--advtrain-models", default=None,
+                    help="comma-separated subset of --models that get the adversarial-training ladder "
+                         "(default: all of them)")
     args = ap.parse_args(argv)
     if args.advtrain_epochs < 0:
         ap.error(f"--advtrain-epochs must be >= 0, got {args.advtrain_epochs}")
+    models = args.models.split(",")
+    for name in models:
+        if name not in CKPTS:
+            ap.error(f"--models: unknown model {name!r}; expected some of {', '.join(CKPTS)}")
+    ladder_models = models if args.advtrain_models is None else args.advtrain_models.split(",")
+    if not set(ladder_models) <= set(models):
+        ap.error(f"--advtrain-models {args.advtrain_models!r} must be a subset of --models {args.models!r}")
 
     from jaxroute.cli.common import log
     from jaxroute.dissection import DissectConfig, dissect_to_dir
@@ -240,7 +250,7 @@ def main(argv=None) -> int:
     atomic_write_json(out / "caps.json", caps)
     config = DissectConfig(batch_size=args.batch_size)
     rows, adv_rows = [], []
-    for name in args.models.split(","):
+    for name in models:
         weights = Path(args.weights_dir) / CKPTS[name]
         model = load_model(name, weights)
         layers = stage_outputs(model)
@@ -258,7 +268,7 @@ def main(argv=None) -> int:
 
             top_images(model, broden, layers[-1], cache, condition_name("fgsm", eps_list[0], True), eps_list[0],
                        out / f"top-{name}-{layers[-1]}.png")
-        if args.advtrain_epochs:
+        if args.advtrain_epochs and name in ladder_models:
             adv_rows += advtrain_ladder(name, model, desc, broden, layers, out, args, config, log)
     atomic_write_json(out / "results.json", rows)
     if adv_rows:

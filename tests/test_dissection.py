@@ -279,6 +279,18 @@ def test_thresholds_equal_np_quantile():
         assert dissect_mod.topk_size(n * h * h, q) <= q * n * h * h + 2
 
 
+def test_streaming_topk_equals_a_sort_over_everything():
+    rng = np.random.default_rng(5)
+    chunks = [np.round(rng.normal(size=(3, m)), 1).astype(np.float32) for m in (50, 7, 400, 1, 120, 33)]
+    chunks[2][1] = 9.0  # one unit with a run of equal values at the top
+    everything = np.concatenate(chunks, axis=1)
+    for k in (1, 5, 64, 300, everything.shape[1]):
+        top = dissect_mod.StreamingTopK(3, k)
+        for c in chunks:
+            top.add(c)
+        np.testing.assert_array_equal(top.values(), -np.sort(-everything, axis=1)[:, :k])
+
+
 def test_config_and_layer_errors():
     with pytest.raises(ValueError, match="quantile"):
         DissectConfig(quantile=1.0)

@@ -8,7 +8,8 @@ The method, with NetDissect-Lite's choices where the paper is silent:
    image and position of the *raw* (low-resolution) maps, as NetDissect-Lite
    takes it.  Computed exactly: ``np.quantile(values, 1 - q)`` (linear
    interpolation), from a streaming per-unit top-k of the ``q·N + 2`` largest
-   values, so memory is bounded by the top-k, not the data set.  Lite uses
+   values, kept on the host (:class:`StreamingTopK`), so memory is bounded by
+   the top-k, not the data set.  Lite uses
    an approximate quantile sketch; this is the exact value it approximates.
 3. **Upsampling.** ``S_k``: bilinear upsampling to the mask size ``sh x sw``,
    the way Lite's ``scipy.misc.imresize(mode="F")`` does it (Pillow's float
@@ -181,12 +182,49 @@ def _virtual_index(n: int, q: float) -> float:
     return (n - 1) * q
 
 
-@functools.partial(jax.jit, static_argnames="k")
-def topk_update(top: jax.Array, maps: jax.Array, valid: jax.Array, k: int) -> jax.Array:
-    """Merge a batch (B, h, w, U) (rows with ``valid`` False ignored) into the per-unit top-k (U, k)."""
-    vals = jnp.where(valid[:, None, None, None], maps, -jnp.inf)
-    vals = jnp.moveaxis(vals, -1, 0).reshape(maps.shape[-1], -1)
-    return jax.lax.top_k(jnp.concatenate([top, vals.astype(top.dtype)], axis=1), k)[0]
+class StreamingTopK:
+    """The k largest values of each of U streams, exactly, on the host.
+
+    Each unit keeps the values above its running k-th largest ("floor") and is
+    cut back to its k largest (``np.partition``) when it holds 2k, so a batch
+    costs one comparison per value; a device top-k over the k + batch values
+    would re-sort hundreds of thousands of values per unit every batch (k = q·N
+    is 0.5 % of every position of every image).  A value equal to the floor is
+    skipped: it cannot change the values of the top k.
+    """
+
+    def __init__(self, units: int, k: int):
+        self.k = int(k)
+        self.parts: list[list[np.ndarray]] = [[] for _ in range(units)]
+        self.count = np.zeros(units, np.int64)
+        self.floor = np.full(units, -np.inf, np.float32)
+
+    def add(self, values: np.ndarray) -> None:
+        """Merge (U, m) values."""
+        for u, v in enumerate(np.asarray(values)):
+            v = v[v > self.floor[u]]
+            if v.size:
+                self.parts[u].append(v)
+                self.count[u] += v.size
+                if self.count[u] >= 2 * self.k:
+                    self._cut(u)
+
+    def _cut(self, u: int) -> None:
+        v = np.concatenate(self.parts[u]) if self.parts[u] else np.zeros(0, np.float32)
+        if v.size > self.k:
+            v = np.partition(v, v.size - self.k)[v.size - self.k:]
+        self.parts[u], self.count[u] = [v], v.size
+        if v.size >= self.k:
+            self.floor[u] = v.min()
+
+    def values(self) -> np.ndarray:
+        """(U, k), each row descending (-inf where a unit saw fewer than k values)."""
+        out = np.full((len(self.parts), self.k), -np.inf, np.float32)
+        for u in range(len(self.parts)):
+            self._cut(u)
+            v = np.sort(self.parts[u][0])[::-1]
+            out[u, :v.size] = v
+        return out
 
 
 def quantile_from_topk(top: np.ndarray, n: int, quantile: float) -> np.ndarray:
@@ -208,14 +246,14 @@ def unit_thresholds(acts: Callable, batches: Iterable, n_images: int, quantile: 
     tops, sizes = {}, {}
     for x, valid in batches:
         maps = acts(jnp.asarray(x))
+        keep = np.asarray(valid, bool)
         for layer, m in maps.items():
+            m = np.asarray(m)[keep]  # the maps come to the host once: the running top-k lives there
             if layer not in tops:
-                n = n_images * m.shape[1] * m.shape[2]
-                sizes[layer] = n
-                k = topk_size(n, quantile)
-                tops[layer] = jnp.full((m.shape[-1], k), -jnp.inf, jnp.float32)
-            tops[layer] = topk_update(tops[layer], m, jnp.asarray(valid), k=tops[layer].shape[1])
-    return {l: quantile_from_topk(np.asarray(t), sizes[l], quantile) for l, t in tops.items()}
+                sizes[layer] = n_images * m.shape[1] * m.shape[2]
+                tops[layer] = StreamingTopK(m.shape[-1], topk_size(sizes[layer], quantile))
+            tops[layer].add(np.moveaxis(m, -1, 0).reshape(m.shape[-1], -1))
+    return {l: quantile_from_topk(t.values(), sizes[l], quantile) for l, t in tops.items()}
 
 
 # --------------------------------------------------------------------------- tally

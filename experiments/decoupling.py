@@ -179,17 +179,18 @@ def dgr_rows(path, cfg: AnalysisConfig) -> tuple[dict | None, str]:
     """
     import json
 
-    path = Path(path)
+    path = Path(path).resolve()
+    shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path  # the report names it as the repository does
     if not path.is_file():
-        return None, f"{path} not found: no DGR rows"
+        return None, f"{shown} not found: no DGR rows"
     r = json.loads(path.read_text())
     theirs = r.get("config", {})
     fields = ("test_per_class", "train_per_class", "sizes", "runs", "classifiers", "eps", "attack_steps", "seed")
     ours = json.loads(json.dumps({f: getattr(cfg, f) for f in fields}))
     diff = {f: (theirs.get(f), ours[f]) for f in fields if theirs.get(f) != ours[f]}
     if diff:
-        return None, f"{path} was made with another protocol (theirs, ours): {diff}"
-    return r["detection"], f"{path} (targeted derangement attack, table 'detection')"
+        return None, f"{shown} was made with another protocol (theirs, ours): {diff}"
+    return r["detection"], f"`{shown}` (targeted derangement attack, table 'detection')"
 
 
 def analyse(model, cfg: AnalysisConfig, out, log=print) -> dict:

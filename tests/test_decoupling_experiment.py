@@ -68,7 +68,7 @@ def test_dgr_rows_only_for_the_same_protocol(tmp_path):
     f.write_text(json.dumps({"config": {**conf, "runs": 5}, "detection": rows}))
     got, note = dgr_rows(f, cfg)
     assert got is None and "'runs': (5, 2)" in note
-    assert dgr_rows(tmp_path / "none.json", cfg) == (None, f"{tmp_path / 'none.json'} not found: no DGR rows")
+    assert dgr_rows(tmp_path / "none.json", cfg) == (None, f"{(tmp_path / 'none.json').resolve()} not found: no DGR rows")
 
 
 def test_cached_attack_dataset_reads_its_file_back(tmp_path):

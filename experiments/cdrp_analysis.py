@@ -27,8 +27,9 @@ Paths", CVPR 2018.  One command regenerates, into ``OUT``:
 * ``cdrp.md`` (tables and notes) and ``cdrp.json`` (every number).
 
 Cache and resume.  Adversarial images (``cache/adv/<set>.npz``, the routable
-format ``jaxroute attack`` writes) and routed CDRPs (``cache/route/<set>/``,
-the shards ``jaxroute route`` writes) are written atomically; a killed run
+format ``jaxroute attack`` writes; :func:`jaxroute.attacks.cached_attack_dataset`)
+and routed CDRPs (``cache/route/<set>/``, the shards ``jaxroute route`` writes)
+are written atomically; a killed run
 started again with the same arguments reuses every finished file and shard.
 Detection results are cached too (``cache/detect-<feature>.json``).  A cache
 written with other arguments is refused (``cache/config.json``).
@@ -120,24 +121,6 @@ class Config:
 
 
 # --------------------------------------------------------------------------- attacks and routing
-def cached_attack(model, adv_dir: Path, name: str, images, labels, targets, orig_index, config, class_names,
-                  batch_size: int, log) -> dict[str, np.ndarray]:
-    """I-FGSM adversarials of a set, saved as the routable ``adv_dir/name.npz`` (reused when it exists)."""
-    from jaxroute.attacks import attack_dataset
-    from jaxroute.data import save_arrays_split
-    from jaxroute.data.arrays import arrays_split_path
-
-    path = arrays_split_path(adv_dir, name)
-    if not path.exists():
-        a = attack_dataset(model.logits, images, labels, attack="bim", config=config,
-                           targets="none" if targets is None else targets, batch_size=batch_size)
-        a["orig_index"] = np.asarray(orig_index, np.int64)
-        save_arrays_split(adv_dir, name, a.pop("images"), a.pop("labels"), class_names, **a)
-        log(f"saved {path} ({len(labels)} adversarial images, success {a['success'].mean():.3f})")
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
-
-
 def route_cached(model, images, labels, class_names, out_dir: Path, cfg: Config, data: str, split: str,
                  limit: int | None, log, momentum_from=None) -> tuple[dict[str, np.ndarray], dict]:
     """DGR-route a set through the resumable extraction job (shards under ``out_dir``)."""
@@ -282,7 +265,7 @@ def run(cfg: Config, out, log: Callable[[str], object] = print, tsne: bool = Tru
     """Everything, into ``out``; returns the dict also written to ``out/cdrp.json``."""
     import jax
 
-    from jaxroute.attacks import BIMConfig
+    from jaxroute.attacks import BIMConfig, cached_attack_dataset
     from jaxroute.data import load_dataset
     from jaxroute.weights import load_model
 
@@ -326,7 +309,9 @@ def run(cfg: Config, out, log: Callable[[str], object] = print, tsne: bool = Tru
 
     def adv_set(name, images, labels, target, orig_index, config=unbounded):
         fresh, t0 = not (adv_dir / f"{name}.npz").exists(), time.perf_counter()
-        a = cached_attack(model, adv_dir, name, images, labels, target, orig_index, config, names, global_batch, log)
+        a = cached_attack_dataset(model.logits, adv_dir, name, images, labels, attack="bim", config=config,
+                                  targets="none" if target is None else target, orig_index=orig_index,
+                                  class_names=names, batch_size=global_batch, log=log)
         if fresh:  # the cache keeps the attack's cost, not the cost of reading it back
             timings.add("attack", time.perf_counter() - t0)
         return a

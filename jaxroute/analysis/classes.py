@@ -22,3 +22,21 @@ def derangement(k: int, seed: int) -> np.ndarray:
         p = rng.permutation(k)
         if np.all(p != np.arange(k)):
             return p
+
+
+def first_per_class(labels, n: int, k: int) -> np.ndarray:
+    """Indices of the first ``n`` images of each class 0..k-1, in their original order.
+
+    The fixed sets of the analyses ("the first 100 test images per class"); a class with
+    fewer than ``n`` images is a ValueError naming the counts.
+    """
+    labels = np.asarray(labels)
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"images per class must be an integer >= 1, got {n!r}")
+    counts = per_class_counts(labels, k)
+    if len(counts) > k or np.any(counts < n):
+        raise ValueError(f"need {n} images of each of {k} classes, the labels hold {counts.tolist()} per class")
+    rank = np.zeros(len(labels), np.int64)   # position of each image within its class
+    for c in range(k):
+        rank[labels == c] = np.arange(counts[c])
+    return np.flatnonzero(rank < n)

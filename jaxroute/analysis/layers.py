@@ -82,6 +82,34 @@ def embed_layers(cdrp: np.ndarray, spec: GateSpec, layers: Sequence[str] | None 
     return out
 
 
+def embed_paths(paths: np.ndarray, *, pca_dims: int = 300, seed: int = 0) -> np.ndarray:
+    """(N, 2) t-SNE of whole paths after a PCA to ``min(pca_dims, N, D)`` dimensions.
+
+    The usual recipe for t-SNE of long vectors (van der Maaten and Hinton keep 30-50
+    components; Li et al. do not say): the PCA removes noise dimensions and makes
+    t-SNE's neighbour search cheap.  Perplexity as :func:`embed_layers`.  When all
+    paths are the same, every point is the origin.
+    """
+    from sklearn.decomposition import PCA
+
+    x = np.asarray(paths, np.float64)
+    if x.ndim != 2 or len(x) < 3:
+        raise ValueError(f"paths must be an (N, D) matrix with N >= 3, got shape {x.shape}")
+    if isinstance(pca_dims, bool) or not isinstance(pca_dims, (int, np.integer)) or pca_dims < 1:
+        raise ValueError(f"pca_dims must be an integer >= 1, got {pca_dims!r}")
+    if not np.ptp(x, axis=0).any():
+        # one path for every input: one point (t-SNE's PCA start would divide by a zero spread)
+        return np.zeros((len(x), 2))
+    x = PCA(n_components=min(int(pca_dims), *x.shape), random_state=seed).fit_transform(x)
+    return TSNE(n_components=2, init="pca", random_state=seed,
+                perplexity=min(30.0, max(1.0, (len(x) - 1) / 3))).fit_transform(x)
+
+
+def layer_fractions(paths: np.ndarray, spec: GateSpec) -> np.ndarray:
+    """(N, L): per path and gate layer, the fraction of the layer's gates that are on (> 0)."""
+    return np.stack([(g > 0).mean(1) for g in split_layers(paths, spec).values()], 1)
+
+
 def depth_trend(rows: list[dict], keys: Sequence[str], parts: dict[str, np.ndarray],
                 min_layers: int = 3) -> dict[str, dict[str, dict]]:
     """Spearman rank correlation of per-layer scores with the layer index.

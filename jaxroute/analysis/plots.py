@@ -170,6 +170,43 @@ def plot_correlations(corrs: dict[str, dict[str, np.ndarray]], spec: GateSpec, p
     fig.savefig(path, dpi=90)
 
 
+def plot_layer_profiles(panels: dict[str, dict[str, np.ndarray]], layer_names, path, title: str = "", *,
+                        images: dict[str, np.ndarray] | None = None, dpi: int = 90) -> None:
+    """Per-layer curves, one panel per entry of ``panels`` ({panel title: {line label: (L,)}}),
+    layers on a shared x axis; ``images`` ({caption: (H, W, C) in [0, 1]}) are shown in a
+    column on the left (e.g. an image and its adversarial twin)."""
+    from matplotlib.figure import Figure
+
+    names = list(layer_names)
+    n_img = len(images or {})
+    fig = Figure(figsize=(11 + 1.6 * bool(n_img), 2.8 * len(panels) + 0.8))
+    grid = fig.add_gridspec(max(len(panels), n_img), 2 if n_img else 1, width_ratios=[1, 6] if n_img else [1])
+    x = np.arange(len(names))
+    for i, (caption, im) in enumerate((images or {}).items()):
+        ax = fig.add_subplot(grid[i, 0])
+        ax.imshow(np.clip(np.asarray(im), 0, 1), interpolation="nearest")
+        ax.set_title(caption, fontsize=8)
+        ax.axis("off")
+    rows = max(len(panels), n_img)
+    for i, (panel, lines) in enumerate(panels.items()):
+        lo, hi = i * rows // len(panels), (i + 1) * rows // len(panels)
+        ax = fig.add_subplot(grid[lo:hi, -1])
+        for label, v in lines.items():
+            v = np.asarray(v, float)
+            if v.shape != (len(names),):
+                raise ValueError(f"{panel!r} / {label!r}: need one value per layer ({len(names)}), got {v.shape}")
+            ax.plot(x, v, "-o", ms=3, label=label)
+        ax.set_title(panel, fontsize=9)
+        ax.set_xticks(x)
+        ax.set_xticklabels(names if i == len(panels) - 1 else [], rotation=75, fontsize=6)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+
+
 def plot_neuron_tops(real_images: np.ndarray, real_top: np.ndarray, adv_images: np.ndarray, adv_top: np.ndarray,
                      path, *, row_labels: list[str], adv_captions: list[list[str]] | None = None,
                      title: str = "", dpi: int = 80) -> None:

@@ -32,7 +32,7 @@ import numpy as np
 
 from jaxroute.attacks.core import AttackResult, LogitsFn, check_images, is_concrete, num_classes_of
 from jaxroute.attacks.cw import CWConfig, cw_l2
-from jaxroute.attacks.dataset import ATTACK_TARGETS, attack_dataset
+from jaxroute.attacks.dataset import ATTACK_TARGETS, attack_dataset, cached_attack_dataset
 from jaxroute.attacks.deepfool import DeepFoolConfig, deepfool
 from jaxroute.attacks.ensemble import EnsembleConfig, ensemble_attack, least_likely
 from jaxroute.attacks.gradient import BIMConfig, FGSMConfig, PGDConfig, bim, fgsm, pgd
@@ -91,6 +91,6 @@ def _check_class_values(y, name: str, num_classes: int) -> None:
 
 __all__ = [
     "ATTACKS", "ATTACK_TARGETS", "AttackResult", "BIMConfig", "CWConfig", "DeepFoolConfig", "EnsembleConfig",
-    "FGSMConfig", "LogitsFn", "PGDConfig", "attack_dataset", "bim", "cw_l2", "deepfool", "ensemble_attack", "fgsm",
-    "least_likely", "make_attack", "pgd",
+    "FGSMConfig", "LogitsFn", "PGDConfig", "attack_dataset", "bim", "cached_attack_dataset", "cw_l2", "deepfool",
+    "ensemble_attack", "fgsm", "least_likely", "make_attack", "pgd",
 ]

@@ -97,3 +97,33 @@ def attack_dataset(f, images, labels, *, attack: str, config=None, targets: str 
     reps = len(out["labels"]) // len(images)
     out["orig_index"] = np.repeat(np.arange(len(images), dtype=np.int64), reps)
     return out
+
+
+def cached_attack_dataset(f, root, name: str, images, labels, *, attack: str, config=None,
+                          targets: str | Sequence[int] = "none", orig_index=None, class_names=None,
+                          key: jax.Array | None = None, batch_size: int = 256, log=None) -> dict[str, np.ndarray]:
+    """:func:`attack_dataset` whose result is kept as the routable ``root/name.npz``.
+
+    When that file exists it is read back instead of attacking again (a resumed
+    experiment reuses its adversarial images); otherwise the attack runs and the
+    file is written atomically (:func:`jaxroute.data.save_arrays_split`), so a
+    killed run never leaves a half-written set.  ``orig_index`` (default: the
+    row of each clean image) records where each image came from in a larger
+    set.  Returns every array of the file (``images``, ``labels``, ``adv_pred``,
+    ``success``, ``linf``, ``l2``, ``clean_pred``, ``target``, ``orig_index``,
+    ``class_names`` when given).
+    """
+    from jaxroute.data import save_arrays_split
+    from jaxroute.data.arrays import arrays_split_path
+
+    path = arrays_split_path(root, name)
+    if not path.exists():
+        a = attack_dataset(f, images, labels, attack=attack, config=config, targets=targets, key=key,
+                           batch_size=batch_size)
+        if orig_index is not None:
+            a["orig_index"] = np.asarray(orig_index, np.int64)
+        save_arrays_split(root, name, a.pop("images"), a.pop("labels"), class_names, **a)
+        if log is not None:
+            log(f"saved {path} ({len(labels)} adversarial images, success {a['success'].mean():.3f})")
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}

@@ -27,7 +27,9 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from jaxroute.decoupling.controller import SEMHASH_MODES
 from jaxroute.models.base import DECOUPLE_PLACEMENT
 from jaxroute.models.gated import GatedModel
+from jaxroute.models.gates import flatten_gates
 from jaxroute.models.registry import create_model
+from jaxroute.utils.devices import map_batches
 from jaxroute.weights.checkpoint import check_tree
 from jaxroute.weights.loader import load_model
 
@@ -140,6 +142,31 @@ def controller_outputs(model: GatedModel, x: jax.Array) -> dict:
 def calculation_paths(model: GatedModel, x: jax.Array) -> dict:
     """The gate tree z of every input, ``{gate_point: (B, N)}`` in {0, 1} (eval mode)."""
     return {p: e["z"] for p, e in controller_outputs(model, x).items()}
+
+
+def path_features(model: GatedModel, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One eval-mode forward: ``(paths, features, logits)`` -- the flattened calculation paths
+    (B, D) in the order of ``model.spec``, the penultimate features (B, F) and the logits."""
+    logits, cap = model.module.apply(model.variables, x, capture=True)
+    z = {p: e["z"] for p, e in cap["decouple"].items()}
+    return flatten_gates(model.spec, z), cap["features"].reshape(x.shape[0], -1), logits
+
+
+def dataset_paths(model: GatedModel, images, batch_size: int = 256) -> dict[str, np.ndarray]:
+    """:func:`path_features` over a whole image array in fixed-shape batches:
+    ``{"paths": (N, D) uint8, "features": (N, F), "pred": (N,)}``."""
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4 or images.shape[1:] != tuple(model.input_shape):
+        raise ValueError(f"images must be (N, {', '.join(map(str, model.input_shape))}), got {images.shape}")
+    fn = jax.jit(lambda x: path_features(model, x))
+
+    def one(_, x):
+        paths, feats, logits = fn(x)
+        return {"paths": paths, "features": feats, "pred": jnp.argmax(logits, -1)}
+
+    out = map_batches(one, (images,), min(batch_size, len(images)))
+    out["paths"] = (out["paths"] > 0.5).astype(np.uint8)
+    return out
 
 
 def filter_states(z: dict) -> dict:

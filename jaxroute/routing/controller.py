@@ -38,7 +38,6 @@ import jax
 import jax.numpy as jnp
 
 from jaxroute.models.base import DECOUPLE_PLACEMENT
-from jaxroute.models.gates import flatten_gates
 from jaxroute.routing.route import Route
 
 
@@ -106,13 +105,14 @@ def controller_route(model, x: jax.Array, *, config: ControllerConfig = Controll
     Pure and jittable (``config`` static); ``model`` a decoupled
     :class:`~jaxroute.models.GatedModel`, ``x`` pixel-space images (B, H, W, C).
     """
+    from jaxroute.decoupling.model import path_features
+
     check_controllers(model)  # at trace time: free inside jit
     spec = model.spec
     ones = jnp.ones((x.shape[0], spec.size), x.dtype)
     full_logits = model.logits(x, ones)
-    gated_logits, cap = model.module.apply(model.variables, x, capture=True)
-    z = {p: e["z"] for p, e in cap["decouple"].items()}
-    cdrp = flatten_gates(spec, z).astype(x.dtype)
+    paths, _, gated_logits = path_features(model, x)
+    cdrp = paths.astype(x.dtype)
     p = jax.nn.softmax(full_logits)
     loss = -jnp.sum(p * jax.nn.log_softmax(gated_logits), axis=-1) + config.gamma * jnp.sum(jnp.abs(cdrp), -1)
     b = x.shape[0]

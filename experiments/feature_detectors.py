@@ -24,9 +24,13 @@ CW-L2 c = 1, κ = 0, Adam 0.01, 100 steps, one round), noisy twins with the
 attack's mean L2, the reference's block split (the first 10% of each block
 trains ``LogisticRegressionCV``, half of it validates ε / k).
 
-"Ours" (the class-subnetwork Mahalanobis detector, Eq. 4-5) needs class
-subnetworks (``--subnets``); the detection job computes no class-subnetwork
-features, so with ``--subnets`` the run stops with that message.
+"Ours" (the class-subnetwork Mahalanobis detector, §5.2, Eq. 4-5;
+:class:`jaxroute.detection.mahalanobis.SubnetMahalanobisScorer`) is a row of
+both tables when class subnetworks are given: ``--subnets DIR`` with, for
+each model, the first of ``DIR/<model>/subnets``, ``DIR/<model>`` and ``DIR``
+that holds a ``subnets.npz`` (so the subnetwork experiment's ``OUT/cache``
+serves every model, and a ``jaxroute subnet`` folder one model).  Without
+``--subnets`` the row is left out.
 
 Cache and resume: every model's attacks, features and characteristics live
 under ``OUT/cache/<model>/`` (the detection job's layout, written atomically);
@@ -66,6 +70,7 @@ PAPER = {
     "mahalanobis": {"fgsm": 99.92, "bim": 99.59, "deepfool": 91.53, "cw": 95.85},
     "subnet": {"fgsm": 99.97, "bim": 99.17, "deepfool": 91.91, "cw": 96.88},
 }
+SUBNETS_FILE = "subnets.npz"
 PAPER_UNKNOWN = {   # fitted on FGSM
     "kd_pu": {"bim": 16.16, "deepfool": 76.80, "cw": 56.30},
     "lid": {"bim": 95.38, "deepfool": 71.86, "cw": 77.53},
@@ -82,7 +87,7 @@ class Config:
     models: tuple = ("resnet20",)
     limit: int | None = 1000          # test images (None: all 10,000)
     train_limit: int | None = None    # training images for the class statistics (None: all 50,000)
-    subnets: str | None = None        # class subnetworks: adds "Ours"
+    subnets: str | None = None        # class subnetworks (see subnets_dir): adds "Ours"
     lid_rule: str = "self"
     pu_passes: int = 50
     runs: int = 1
@@ -121,6 +126,24 @@ class Config:
         return {f: getattr(self, f) for f in self.CACHE_FIELDS}
 
 
+def subnets_dir(root: str, model: str) -> Path:
+    """The folder of ``model``'s class subnetworks under ``--subnets root``: the first of ``root/<model>/subnets``
+    (the subnetwork experiment's cache), ``root/<model>`` and ``root`` holding a ``subnets.npz``."""
+    root = Path(root)
+    candidates = (root / model / "subnets", root / model, root)
+    for c in candidates:
+        if (c / SUBNETS_FILE).is_file():
+            return c
+    raise ValueError(f"subnets: no {SUBNETS_FILE} for {model} in {', '.join(map(str, candidates))}")
+
+
+def with_subnets_found(cfg: Config) -> Config:
+    """``cfg``, after checking that ``--subnets`` holds a ``subnets.npz`` for every model (a ValueError if not)."""
+    for m in cfg.models if cfg.subnets else ():
+        subnets_dir(cfg.subnets, m)
+    return cfg
+
+
 def run_label(cfg: Config) -> str:
     test = "full test set (10,000 images)" if cfg.limit is None else f"first {cfg.limit} test images (--limit {cfg.limit})"
     train = ("all 50,000 training images" if cfg.train_limit is None
@@ -148,7 +171,7 @@ def run(cfg: Config, out: Path, log=print) -> dict:
 
     from jaxroute.data import Dataset, load_dataset
     from jaxroute.detection.density import KDPUConfig
-    from jaxroute.detection.job import attack_summary, run_detection
+    from jaxroute.detection.job import attack_summary, run_detection, subnet_gates
     from jaxroute.detection.lid import LIDConfig
     from jaxroute.models.gated import check_dataset_fits
     from jaxroute.utils.cache import Timings, check_cache_config
@@ -168,14 +191,18 @@ def run(cfg: Config, out: Path, log=print) -> dict:
     log(f"data: {len(test.labels)} test, {len(train.labels)} training images ({time.perf_counter() - t:.0f} s)")
     res: dict = {"config": dataclasses.asdict(cfg), "run": run_label(cfg), "n_test": int(len(test.labels)),
                  "n_train": int(len(train.labels)), "command": command(cfg, str(out)), "models": {}}
-    for name in cfg.models:
+    models, gates = {}, {}
+    for name in cfg.models:   # every model and its subnetworks checked before any model's work
+        models[name] = load_model(name, Path(cfg.models_dir) / MODELS[name])
+        check_dataset_fits(models[name], test)
+        if cfg.subnets:
+            gates[name] = subnet_gates(subnets_dir(cfg.subnets, name), models[name])
+    for name, model in models.items():
         weights = Path(cfg.models_dir) / MODELS[name]
-        model = load_model(name, weights)
-        check_dataset_fits(model, test)
         t = time.perf_counter()
         result = run_detection(
             model, test, train, out=cache / name, attacks=ATTACKS, detectors=cfg.detectors,
-            lid=LIDConfig(drop_first=cfg.lid_rule), kd_pu=KDPUConfig(passes=cfg.pu_passes), subnets=cfg.subnets,
+            lid=LIDConfig(drop_first=cfg.lid_rule), kd_pu=KDPUConfig(passes=cfg.pu_passes), subnets=gates.get(name),
             runs=cfg.runs, batch_size=cfg.batch_size, seed=cfg.seed,
             job={"weights": str(weights), "data": cfg.data},
             train_job={"split": "train", "limit": cfg.train_limit}, test_job={"split": "test", "limit": cfg.limit},
@@ -347,6 +374,13 @@ DEVIATIONS = (
     "Not included: the CDRP detectors of `reports/cdrp` as extra rows; \"Ours\" unless class subnetworks are given "
     "(`--subnets`).",
 )
+SUBNET_DEVIATION = (
+    "Ours: the class subnetworks given with `--subnets` (distilled as in `reports/subnets`, not by the paper's code), "
+    "gates at the model's gate points (after every BN+ReLU and residual ReLU); class c's feature at each of the 4 "
+    "layers is read through class c's subnetwork, the class means from class c's training images through their own "
+    "subnetwork, one tied covariance; Lee et al.'s input pre-processing (the paper: \"as in Lee et al.\") with the "
+    "same ε grid, its gradient that of the closest class's distance through that class's subnetwork; scores "
+    "−½ d as Lee et al.'s code (Eq. 5 has no ½; the regression absorbs the scale).")
 
 
 def report(res: dict) -> str:
@@ -393,10 +427,11 @@ def report(res: dict) -> str:
             lines += ["", f"Mean of {r['runs']} reshuffles; std (known attack, %): " + "; ".join(
                 f"{LABELS[d]} " + " / ".join(_pct(r[f'{d}_std'][a]) for a in ATTACKS) for d in dets)]
         att = res["models"][m]["attacks"]
+        ours = "subnet" in r
         lines += ["", "### Attacks, selection and chosen hyper-parameters", "",
                   "| attack | success | median L2 | noise σ | noisy twins correct | selected | regression fit rows "
-                  "(adv / clean / noisy) | validation rows | Mahalanobis ε | LID k |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "(adv / clean / noisy) | validation rows | Mahalanobis ε | LID k |" + (" Ours ε |" if ours else ""),
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if ours else "")]
         for a in ATTACKS:
             s = att[a]
             rows = split_rows(r["n_selected"][a])
@@ -405,7 +440,8 @@ def report(res: dict) -> str:
             lines.append(f"| {ATTACK_LABELS[a]} | {s['success_rate']:.3f} | {l2} | {s['noise_sigma']:.4f} | {noisy} | "
                          f"{r['n_selected'][a]} of {s['n']} | {' / '.join(map(str, rows['fit']))} | "
                          f"{' / '.join(map(str, rows['val']))} | {_chosen(r.get('chosen_eps', {}).get(a, []))} | "
-                         f"{_chosen(r.get('chosen_k', {}).get(a, []))} |")
+                         f"{_chosen(r.get('chosen_k', {}).get(a, []))} |"
+                         + (f" {_chosen(r['chosen']['subnet'].get(a, []))} |" if ours else ""))
         clean_ok = att[ATTACKS[0]]["clean_correct"]
         lines += ["", f"Clean accuracy on these images {clean_ok / att[ATTACKS[0]]['n']:.4f}. Success and median L2 "
                   "over the clean-correct images (L2 of the successful adversarials, pixels in [0, 1]); selected = "
@@ -418,7 +454,8 @@ def report(res: dict) -> str:
     else:
         lines += [("Yes" if t["met"] else "No") + f": {t['auroc']:.4f} (target ≥ {t['target']}; the paper: "
                   "0.9992). The gap to the paper: " + gap_text(res), ""]
-    lines += ["## Deviations from the paper", ""] + [f"- {d}" for d in DEVIATIONS] + [
+    ours = any("subnet" in res["models"][m]["result"] for m in models)
+    lines += ["## Deviations from the paper", ""] + [f"- {d}" for d in DEVIATIONS + ((SUBNET_DEVIATION,) if ours else ())] + [
         "", f"Settings: LID rule `{cfg['lid_rule']}`, {cfg['pu_passes']} stochastic passes, {cfg['runs']} split(s), "
         f"seed {cfg['seed']}; {res['n_test']} test and {res['n_train']} training images.", "",
         "![AUROC per detector and attack; outlined bars: the paper](auroc.png)", ""]
@@ -454,7 +491,8 @@ def main(argv=None) -> int:
     p.add_argument("--models", default=",".join(d.models), help="comma-separated: resnet20, resnet32")
     p.add_argument("--limit", type=int, default=d.limit, help="first N test images (0: all 10,000)")
     p.add_argument("--train-limit", type=int, default=None, help="first N training images (default: all 50,000)")
-    p.add_argument("--subnets", default=None, help="class subnetworks: adds the subnet Mahalanobis detector (Ours)")
+    p.add_argument("--subnets", default=None, help="class subnetworks: adds the subnet Mahalanobis detector (Ours); "
+                   "per model the first of DIR/<model>/subnets, DIR/<model>, DIR holding subnets.npz")
     p.add_argument("--lid-rule", choices=("self", "all"), default=d.lid_rule)
     p.add_argument("--pu-passes", type=int, default=d.pu_passes)
     p.add_argument("--runs", type=int, default=d.runs)
@@ -463,11 +501,12 @@ def main(argv=None) -> int:
     p.add_argument("--models-dir", default=d.models_dir)
     p.add_argument("--data", default=d.data)
     args = p.parse_args(argv)
-    return configure_and_run(p, lambda: Config(
+    return configure_and_run(p, lambda: with_subnets_found(Config(
         models_dir=str(Path(args.models_dir).resolve()), data=str(Path(args.data).resolve()),
-        models=comma_list(args.models), limit=args.limit or None, train_limit=args.train_limit, subnets=args.subnets,
+        models=comma_list(args.models), limit=args.limit or None, train_limit=args.train_limit,
+        subnets=str(Path(args.subnets).resolve()) if args.subnets else None,
         lid_rule=args.lid_rule, pu_passes=args.pu_passes, runs=args.runs, batch_size=args.batch_size,
-        seed=args.seed), run, args.out)
+        seed=args.seed)), run, args.out)
 
 
 if __name__ == "__main__":

@@ -317,8 +317,7 @@ def run_model(cfg: Config, name: str, model, weights: Path, train, test, wordnet
     import jax
 
     from jaxroute.analysis.similarity import mantel
-    from jaxroute.explain.job import class_gates
-    from jaxroute.routing.subnet import distill_to_dir, subnet_auc
+    from jaxroute.routing.subnet import class_gates, distill_to_dir, subnet_auc
 
     cache.mkdir(parents=True, exist_ok=True)
     names = [str(c) for c in test.class_names]

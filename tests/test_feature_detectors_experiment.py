@@ -86,6 +86,36 @@ def test_report_tables_and_target_statement(tmp_path):
     json.dumps(both)
 
 
+def test_ours_row_in_both_tables_with_subnets(tmp_path, capsys):
+    """With the subnet detector's results the report has an "Ours" row in the known- and unknown-attack
+    tables and its ε choice; without them the row is left out.  --subnets is resolved per model."""
+    from experiments.feature_detectors import subnets_dir
+
+    res = _result(0.97)
+    r = res["models"]["resnet20"]["result"]
+    assert "Ours (subnet" not in report(res) and "Ours ε" not in report(res)
+    r["subnet"] = {a: 0.95 for a in ATTACKS}
+    r["subnet_std"] = {a: 0.0 for a in ATTACKS}
+    r["unknown"]["subnet"] = {a: 0.85 for a in ATTACKS[1:]}
+    r["chosen"] = {"subnet": {a: ["eps=0.0014"] for a in ATTACKS}}
+    text = report(res)
+    assert "| Ours (subnet Mahalanobis) | 95.00 / 99.97 | 95.00 / 99.17 | 95.00 / 91.91 | 95.00 / 96.88 |" in text
+    assert "| Ours (subnet Mahalanobis) | 85.00 / 99.11 | 85.00 / 82.45 | 85.00 / 95.62 |" in text
+    assert "| Mahalanobis ε | LID k | Ours ε |" in text and "| 0.002 | 20 | 0.0014 |" in text
+    assert "- Ours: the class subnetworks given with `--subnets`" in text
+    plot_auroc(res, tmp_path / "auroc.png")
+    # --subnets DIR: DIR/<model>/subnets (the subnetwork experiment's cache), DIR/<model>, then DIR itself
+    for folder in (tmp_path / "cache" / "resnet20" / "subnets", tmp_path / "one"):
+        folder.mkdir(parents=True)
+        (folder / "subnets.npz").write_bytes(b"")
+    assert subnets_dir(str(tmp_path / "cache"), "resnet20") == tmp_path / "cache" / "resnet20" / "subnets"
+    assert subnets_dir(str(tmp_path / "one"), "resnet32") == tmp_path / "one"
+    with pytest.raises(SystemExit) as e:
+        main(["--subnets", str(tmp_path / "cache"), "--models", "resnet20,resnet32", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and "no subnets.npz for resnet32" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.slow
 def test_feature_detectors_end_to_end(shared, tmp_path):
     """ResNet-20 on the first 200 shared test images, 200 training images, 2 stochastic passes: every

@@ -1,4 +1,5 @@
-"""``jaxroute adv-detect``: feature-space adversarial detectors (Mahalanobis, LID, KD+PU) and their protocol.
+"""``jaxroute adv-detect``: feature-space adversarial detectors (Mahalanobis, LID, KD+PU, and the
+class-subnetwork Mahalanobis detector ``subnet`` of Wang, Hu, Su with ``--subnets DIR``) and their protocol.
 
 A thin layer over :func:`jaxroute.detection.job.run_detection`, which does the
 work and documents the cache under ``--out`` (attacks, features,
@@ -35,18 +36,15 @@ def cmd_adv_detect(args):
     import numpy as np
 
     from jaxroute.detection.density import KDPUConfig
-    from jaxroute.detection.job import ATTACK_NAMES, DETECTORS, format_table, run_detection
+    from jaxroute.detection.job import ATTACK_NAMES, DETECTORS, format_table, run_detection, subnet_gates
     from jaxroute.detection.lid import LIDConfig
     from jaxroute.detection.mahalanobis import MahalanobisConfig
     from jaxroute.utils.io import check_writable_dir
 
     attacks = _names(args.attacks, ATTACK_NAMES, "attack(s)")
     detectors = _names(args.detectors, DETECTORS, "detector(s)")
-    if "subnet" in detectors:
-        if not args.subnets:
-            raise ValueError("the subnet detector needs --subnets DIR (class subnetworks)")
-        raise ValueError(f"--subnets {args.subnets}: this command computes no class-subnetwork features; "
-                         "use kd_pu, lid or mahalanobis")
+    if "subnet" in detectors and not args.subnets:
+        raise ValueError("the subnet detector needs --subnets DIR (class subnetworks)")
     for name in ("runs", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -56,12 +54,18 @@ def cmd_adv_detect(args):
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
     # the detectors' settings are checked before any feature or attack is computed
     mcfg = (MahalanobisConfig(**({"epsilons": _floats(args.eps, "--eps")} if args.eps is not None else {}))
-            if "mahalanobis" in detectors else None)
+            if "mahalanobis" in detectors or "subnet" in detectors else None)
     lcfg = LIDConfig(drop_first=args.lid_rule,
                      **({"ks": _ints(args.lid_k, "--lid-k")} if args.lid_k is not None and "lid" in detectors else {}))
     kcfg = KDPUConfig(bandwidth=args.bandwidth, passes=args.pu_passes) if "kd_pu" in detectors else None
+    if "subnet" in detectors:
+        from jaxroute.routing.subnet import load_subnets
+
+        load_subnets(args.subnets)   # a folder without subnets.npz ends here, before the model is built
     out = check_writable_dir(args.out)
     model = model_from_args(args, need_weights=True)
+    # another model's subnetworks end here, before any data is loaded
+    gates = subnet_gates(args.subnets, model) if "subnet" in detectors else None
     test = data_for(model, args)
     if test.labels is None:
         raise ValueError(f"data {test.name!r} has no labels; the protocol needs the true labels")
@@ -73,7 +77,7 @@ def cmd_adv_detect(args):
                         train.class_names, train.name)
     result = run_detection(
         model, test, train, out=out, attacks=attacks, detectors=detectors, mahalanobis=mcfg, lid=lcfg, kd_pu=kcfg,
-        runs=args.runs, batch_size=args.batch_size, seed=args.seed,
+        subnets=gates, runs=args.runs, batch_size=args.batch_size, seed=args.seed,
         job={"weights": str(args.weights or ""), "data": args.data},
         train_job={"split": args.train_split, "limit": args.train_limit},
         test_job={"split": args.split, "limit": args.limit}, log=log)
@@ -81,18 +85,21 @@ def cmd_adv_detect(args):
 
 
 def add_parsers(sub) -> None:
-    p = sub.add_parser("adv-detect", help="feature-space adversarial detectors (Mahalanobis, LID, KD+PU)")
+    p = sub.add_parser("adv-detect", help="feature-space adversarial detectors (Mahalanobis, LID, KD+PU, "
+                       "class-subnetwork Mahalanobis)")
     add_model_args(p)
     add_data_args(p)
     p.add_argument("--train-split", default="train", help="split the class statistics are fitted on")
     p.add_argument("--train-limit", type=int, default=None, help="use the first N training images")
     p.add_argument("--attacks", default="fgsm,bim,deepfool,cw")
-    p.add_argument("--detectors", default="kd_pu,lid,mahalanobis")
-    p.add_argument("--subnets", default=None, help="class subnetworks (for the subnet detector)")
+    p.add_argument("--detectors", default="kd_pu,lid,mahalanobis",
+                   help="comma-separated: kd_pu, lid, mahalanobis, subnet (needs --subnets)")
+    p.add_argument("--subnets", default=None, help="class subnetworks of this model (a `jaxroute subnet` output "
+                   "folder) for the subnet detector")
     p.add_argument("--lid-rule", choices=("self", "all"), default="self",
                    help="LID neighbour rule: drop only a clean query's self-match (default), or the first "
                         "neighbour of every query as the reference code")
-    p.add_argument("--eps", default=None, help="Mahalanobis pre-processing magnitudes, comma-separated "
+    p.add_argument("--eps", default=None, help="Mahalanobis (and subnet) pre-processing magnitudes, comma-separated "
                    "(default: the reference's seven, 0,0.01,0.005,0.002,0.0014,0.001,0.0005)")
     p.add_argument("--lid-k", default=None, help="LID neighbour counts, comma-separated (default 10,20,...,90)")
     p.add_argument("--bandwidth", type=float, default=0.26, help="KD bandwidth (0.26: Feinman et al., CIFAR-10)")

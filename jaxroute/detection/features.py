@@ -11,7 +11,9 @@ works too (a model without residual stages uses all its gate points).
 The features are read through :meth:`GatedModel.capture`, so they can be
 computed through gated networks: ``class_gates`` runs the forward pass once
 per class c with class c's gates (a class-specific subnetwork) and returns
-(B, K, C) features — f_c(x) of Wang et al. (arXiv:1910.02673) Eq. 4.
+(B, K, C) features — f_c(x) of Wang et al. (arXiv:1910.02673) Eq. 4 — and
+``feature_fn(..., by_label=True)`` reads each image through its own label's
+gates (the class statistics of their Eq. 5).
 
 :func:`feature_fn` is a per-sample function for
 :func:`jaxroute.extraction.run_extraction`, so the features of 50,000
@@ -104,15 +106,35 @@ def feature_key(point: str) -> str:
     return f"pool_{point}"
 
 
-def feature_fn(model, points: Sequence[str], *, class_gates=None):
+def feature_fn(model, points: Sequence[str], *, class_gates=None, by_label: bool = False):
     """A per-sample function for :func:`jaxroute.extraction.run_extraction`.
 
     Returns ``{pool_<point>: (B, C) or (B, K, C), "penultimate": (B, F), "logits": (B, K)}``:
     the pooled features (class-gated when ``class_gates`` is given), the
     ungated penultimate features (the input of the last linear layer; the
     kernel-density detector's layer) and the ungated logits.
+
+    ``by_label=True`` (with ``class_gates`` an array or tree with a leading
+    class axis) returns only ``{pool_<point>: (B, C)}``: each image's pooled
+    features through its own label's gates in one pass (per-sample gates) --
+    the class statistics of Wang et al.'s Eq. 5, where μ̂_c is the mean of
+    f_c over class c's training images.
     """
     points = check_points(model, points)
+    if by_label:
+        if class_gates is None or callable(class_gates):
+            raise ValueError("by_label needs class gates with a leading class axis (a (K, D) array or a tree)")
+        k = int(jax.tree_util.tree_leaves(class_gates)[0].shape[0])
+
+        @jax.jit
+        def own(images, labels, index):
+            # the extraction job passes -1 for a data set without labels; keep the index in range
+            c = jnp.clip(labels, 0, k - 1)
+            gates = jax.tree_util.tree_map(lambda a: jnp.asarray(a, images.dtype)[c], class_gates)
+            feats, _ = pooled_features(model, images, points, gates)
+            return {feature_key(p): f for p, f in zip(points, feats)}
+
+        return own
 
     @jax.jit
     def fn(images, labels, index):

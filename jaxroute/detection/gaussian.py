@@ -186,10 +186,35 @@ def mahalanobis(g: ClassGaussians, x) -> jax.Array:
     return jax.vmap(one)(means, chol).T
 
 
+def paired_mahalanobis(g: ClassGaussians, x) -> jax.Array:
+    """d_k(x_k) = (x_k − μ_k)ᵀ Σ_k⁻¹ (x_k − μ_k): one feature vector per class, (N, K, D) → (N, K).
+
+    Class k's distance is measured from its own row ``x[:, k]`` (a feature
+    computed for class k, e.g. through class k's subnetwork).  With the same
+    vector in every row this is :func:`mahalanobis`.  Pure and jittable.
+    """
+    x = jnp.asarray(x)
+    k, dim = g.means.shape
+    if x.ndim != 3 or x.shape[1:] != (k, dim):
+        raise ValueError(f"x must be (N, {k}, {dim}) to match the fitted features, got shape {x.shape}")
+    means, chol = jnp.asarray(g.means), jnp.asarray(g.chol)
+    if g.covariance == "tied":
+        n = x.shape[0]
+        zx = solve_triangular(chol[0], x.reshape(n * k, dim).T, lower=True).T.reshape(n, k, dim)
+        zm = solve_triangular(chol[0], means.T, lower=True).T        # (K, D)
+        return jnp.sum((zx - zm[None]) ** 2, axis=-1)
+
+    def one(mu, c, xk):
+        return jnp.sum(solve_triangular(c, (xk - mu).T, lower=True) ** 2, axis=0)   # (N,)
+
+    return jax.vmap(one, in_axes=(0, 0, 1), out_axes=1)(means, chol, x)
+
+
 def log_density(g: ClassGaussians, x) -> jax.Array:
     """log N(x; μ_k, Σ_k) for every class, (N, D) → (N, K): −½ (d_k + log det Σ_k + D log 2π)."""
     d = mahalanobis(g, x)
     return -0.5 * (d + jnp.asarray(g.logdet)[None, :] + g.means.shape[1] * math.log(2 * math.pi))
 
 
-__all__ = ["COVARIANCES", "SHRINKAGES", "ClassGaussians", "fit_class_gaussians", "log_density", "mahalanobis"]
+__all__ = ["COVARIANCES", "SHRINKAGES", "ClassGaussians", "fit_class_gaussians", "log_density", "mahalanobis",
+           "paired_mahalanobis"]

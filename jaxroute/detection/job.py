@@ -11,10 +11,13 @@ training set:
    Gaussian noise matches the attack's mean L2 (:func:`attack_twins`);
 2. selection: clean-correct, noisy-correct, adversarial-wrong images;
 3. features: pooled stage features, penultimate features and logits of the
-   training, clean, adversarial and noisy images (the extraction job);
+   training, clean, adversarial and noisy images (the extraction job); for
+   the subnet detector also the training images' pooled features through
+   their own class's subnetwork;
 4. characteristics per detector and attack (Mahalanobis: layer scores at
-   every ε; LID: layer estimates at every k; KD+PU: density and
-   uncertainty);
+   every ε; subnet: the class-subnetwork Mahalanobis layer scores of Wang,
+   Hu, Su at every ε, each test image through all K subnetworks; LID:
+   layer estimates at every k; KD+PU: density and uncertainty);
 5. the protocol: known attack (each attack fitted on itself) and unknown
    attack (fitted on FGSM, tested on the others), AUROC.
 
@@ -22,13 +25,14 @@ Cache layout under ``out`` (every file written atomically; a rerun resumes,
 and a file computed with other settings is refused rather than mixed in)::
 
     attacks/<attack>.npz             adversarial and noisy twins, their predictions
-    features/<set>/                  extraction shards (train, clean, <attack>-adv, <attack>-noisy)
+    features/<set>/                  extraction shards (train, clean, <attack>-adv, <attack>-noisy;
+                                     train-subnet: through each image's own class's subnetwork)
     scores/<detector>-<attack>.npz   characteristics of the selected images, per candidate
-    scores/<detector>-clean.npz      Mahalanobis / KD+PU characteristics of every clean test
-                                     image, computed once and shared by the attacks
+    scores/<detector>-clean.npz      Mahalanobis / subnet / KD+PU characteristics of every clean
+                                     test image, computed once and shared by the attacks
     result.json                      the AUROCs
 
-The clean images' Mahalanobis scores and predictive uncertainties do not
+The clean images' (subnet) Mahalanobis scores and predictive uncertainties do not
 depend on the attack, so they are computed once for all test images and each
 attack takes its selected rows.  LID is not shared: a query's reference is
 the clean mini-batch of the *selected* images it falls in, as in the
@@ -36,7 +40,9 @@ reference code.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -108,15 +114,17 @@ def attack_twins(model, test, name: str, config, out: Path, seed: int, batch_siz
 
 
 def extract_features(model, points, images, labels, class_names, out: Path, job: dict, batch_size: int,
-                     log=print) -> dict:
-    """Pooled features, penultimate features and logits of ``images`` through the extraction job (resumable)."""
+                     log=print, class_gates=None) -> dict:
+    """Pooled features, penultimate features and logits of ``images`` through the extraction job (resumable);
+    with ``class_gates`` (K, D) only the pooled features, each image through its own label's subnetwork."""
     from jaxroute.data import Dataset
     from jaxroute.detection.features import feature_fn
     from jaxroute.extraction import load_shards, plan_batches, run_extraction
 
     ds = Dataset(np.asarray(images, np.float32), np.asarray(labels, np.int32), tuple(class_names), job["set"])
     plan = plan_batches(len(ds.images), batch_size, 1000)
-    run_extraction(feature_fn(model, points), ds, out, job=job, plan=plan, progress=False, desc=job["set"], log=log)
+    fn = feature_fn(model, points, class_gates=class_gates, by_label=class_gates is not None)
+    run_extraction(fn, ds, out, job=job, plan=plan, progress=False, desc=job["set"], log=log)
     return load_shards(out)
 
 
@@ -136,6 +144,25 @@ def cached_scores(out: Path, name: str, setting: Mapping, compute: Callable[[], 
     res = compute()
     atomic_save_npz(path, setting=np.array(tag), **res)
     return res
+
+
+def subnet_gates(subnets, model) -> np.ndarray:
+    """The class subnetworks as (K, D) gates for ``model``: from a ``jaxroute subnet`` folder or its
+    ``subnets.npz``, a :class:`~jaxroute.routing.subnet.Subnets`, or a (K, D) array; another model's
+    subnetworks, a folder without ``subnets.npz`` or a class without a subnetwork end in one clear error."""
+    from jaxroute.detection.mahalanobis import check_class_gates
+    from jaxroute.routing.subnet import Subnets, class_gates
+
+    if subnets is None:
+        raise ValueError("the subnet detector needs --subnets DIR (class subnetworks)")
+    if isinstance(subnets, (str, os.PathLike, Subnets)):
+        return class_gates(subnets, model)
+    return check_class_gates(subnets, model)
+
+
+def gates_id(gates) -> str:
+    """A short fingerprint of class gates: what the subnet detector's cached files depend on."""
+    return hashlib.sha256(np.ascontiguousarray(gates, np.float32).tobytes()).hexdigest()[:16]
 
 
 def _check_int(name: str, value, low: int) -> None:
@@ -158,13 +185,19 @@ def run_detection(model, test, train, *, out, attacks: Sequence[str] = ATTACK_NA
     None).  ``job`` describes what the features depend on besides the model
     and the images (weights, data), ``train_job`` / ``test_job`` the two sets
     (split, limit); they are recorded in, and checked against, the feature
-    manifests.  The ``subnet`` detector needs class-subnetwork features,
-    which this job does not compute.
+    manifests.  ``subnets``: the class subnetworks of the ``subnet``
+    detector (:func:`subnet_gates`: a ``jaxroute subnet`` folder, a
+    :class:`~jaxroute.routing.subnet.Subnets` or a (K, D) array; needed
+    when ``subnet`` is among ``detectors``); it uses the ``mahalanobis``
+    config (the same ε grid and shrinkage; see
+    :class:`~jaxroute.detection.mahalanobis.SubnetMahalanobisScorer`).
 
     Returns ``{detector: {attack: auroc}}``, ``<detector>_std``, ``unknown``
     (``{detector: {attack: auroc}}``, fitted on FGSM), ``n_selected``,
-    ``chosen_eps``, ``chosen_k`` (per attack, one entry per run),
-    ``runs``, ``lid_rule`` and ``points``; also written to ``out/result.json``.
+    ``chosen`` (``{detector: {attack: [candidate per run]}}``, every
+    detector), ``chosen_eps`` (Mahalanobis) and ``chosen_k`` (LID) (per
+    attack, one entry per run), ``runs``, ``lid_rule`` and ``points``; also
+    written to ``out/result.json``.
     """
     import jax
 
@@ -172,17 +205,12 @@ def run_detection(model, test, train, *, out, attacks: Sequence[str] = ATTACK_NA
     from jaxroute.detection.density import KDPUConfig, KernelDensity, uncertainty, zscore
     from jaxroute.detection.features import load_features, stage_points
     from jaxroute.detection.lid import LIDConfig, lid_features
-    from jaxroute.detection.mahalanobis import MahalanobisConfig, MahalanobisScorer
+    from jaxroute.detection.mahalanobis import MahalanobisConfig, MahalanobisScorer, SubnetMahalanobisScorer
     from jaxroute.detection.protocol import MIN_SELECTED, run_protocol, select
     from jaxroute.utils.io import check_writable_dir
 
     attacks = check_names(attacks, ATTACK_NAMES, "attack(s)")
     detectors = check_names(detectors, DETECTORS, "detector(s)")
-    if "subnet" in detectors:
-        if subnets is None:
-            raise ValueError("the subnet detector needs --subnets DIR (class subnetworks)")
-        raise ValueError(f"--subnets {subnets}: this command computes no class-subnetwork features; "
-                         "use kd_pu, lid or mahalanobis")
     _check_int("runs", runs, 1)
     _check_int("batch_size", batch_size, 1)
     _check_int("seed", seed, 0)
@@ -190,13 +218,14 @@ def run_detection(model, test, train, *, out, attacks: Sequence[str] = ATTACK_NA
                            ("kd_pu", kd_pu, KDPUConfig)):
         if cfg is not None and not isinstance(cfg, cls):
             raise TypeError(f"{name} must be a {cls.__name__}, got {type(cfg).__name__}")
-    mcfg = (mahalanobis or MahalanobisConfig()) if "mahalanobis" in detectors else None
+    mcfg = (mahalanobis or MahalanobisConfig()) if {"mahalanobis", "subnet"} & set(detectors) else None
     lcfg = (lid or LIDConfig()) if "lid" in detectors else None
     kcfg = (kd_pu or KDPUConfig()) if "kd_pu" in detectors else None
     if test.labels is None:
         raise ValueError(f"data {test.name!r} has no labels; the protocol needs the true labels")
     if train.labels is None:
         raise ValueError(f"data {train.name!r} has no labels; the class statistics need the true labels")
+    gates = subnet_gates(subnets, model) if "subnet" in detectors else None
     out = check_writable_dir(out)
 
     points = stage_points(model)
@@ -205,14 +234,17 @@ def run_detection(model, test, train, *, out, attacks: Sequence[str] = ATTACK_NA
     test_images = np.asarray(test.images, np.float32)
     labels = np.asarray(test.labels)
 
-    def features(name, images, set_labels, set_job):
+    def features(name, images, set_labels, set_job, class_gates=None):
         t = time.perf_counter()
         res = extract_features(model, points, images, set_labels, names, out / "features" / name,
-                               {**base, "set": name, **dict(set_job or {})}, batch_size, log)
+                               {**base, "set": name, **dict(set_job or {})}, batch_size, log, class_gates)
         log(f"features {name}: {len(set_labels)} images, {time.perf_counter() - t:.1f} s")
         return res
 
     feats = {"train": features("train", train.images, train.labels, train_job)}
+    if gates is not None:
+        feats["train-subnet"] = features("train-subnet", train.images, train.labels,
+                                         {**dict(train_job or {}), "subnets": gates_id(gates)}, gates)
     feats["clean"] = features("clean", test_images, labels, test_job)
     cfg = protocol_configs()
     adv, sel = {}, {}
@@ -238,18 +270,24 @@ def run_detection(model, test, train, *, out, attacks: Sequence[str] = ATTACK_NA
         return cached_scores(out, name, setting, run)
 
     chars: dict = {d: {} for d in detectors}
-    if "mahalanobis" in detectors:
-        scorer = MahalanobisScorer(model, points, mcfg, batch_size=batch_size)
-        scorer.fit(load_features(feats["train"], points), feats["train"]["label"])
+    for d in ("mahalanobis", "subnet"):
+        if d not in detectors:
+            continue
         setting = {"epsilons": mcfg.epsilons, "shrinkage": mcfg.shrinkage}
-        clean = timed("mahalanobis-clean", {**setting, "n": len(labels)}, lambda: {"clean": scorer.score(test_images)})
+        if d == "mahalanobis":
+            scorer, train_feats = MahalanobisScorer(model, points, mcfg, batch_size=batch_size), feats["train"]
+        else:
+            scorer = SubnetMahalanobisScorer(model, points, gates, mcfg, batch_size=batch_size)
+            train_feats, setting["subnets"] = feats["train-subnet"], gates_id(gates)
+        scorer.fit(load_features(train_feats, points), train_feats["label"])
+        clean = timed(f"{d}-clean", {**setting, "n": len(labels)}, lambda: {"clean": scorer.score(test_images)})
         for a in attacks:
             i = sel[a]
-            s = timed(f"mahalanobis-{a}", setting, lambda a=a, i=i: {
+            s = timed(f"{d}-{a}", setting, lambda a=a, i=i: {
                 "adv": scorer.score(adv[a]["adv"][i]), "clean": clean["clean"][i],
                 "noisy": scorer.score(adv[a]["noisy"][i])})
-            chars["mahalanobis"][a] = {f"eps={e:g}": (s["adv"][:, :, k], s["clean"][:, :, k], s["noisy"][:, :, k])
-                                       for k, e in enumerate(mcfg.epsilons)}
+            chars[d][a] = {f"eps={e:g}": (s["adv"][:, :, k], s["clean"][:, :, k], s["noisy"][:, :, k])
+                           for k, e in enumerate(mcfg.epsilons)}
     if "lid" in detectors:
         for a in attacks:
             i = sel[a]
@@ -288,7 +326,8 @@ def run_detection(model, test, train, *, out, attacks: Sequence[str] = ATTACK_NA
             z = zscore(s["adv"], s["clean"], s["noisy"])
             chars["kd_pu"][a] = {"-": tuple(z)}
 
-    result = {"n_selected": {a: int(len(sel[a])) for a in attacks}, "unknown": {}, "chosen_eps": {}, "chosen_k": {},
+    result = {"n_selected": {a: int(len(sel[a])) for a in attacks}, "unknown": {}, "chosen": {}, "chosen_eps": {},
+              "chosen_k": {},
               "runs": runs, "lid_rule": (lid or LIDConfig()).drop_first,
               "points": list(points)}
     for d in detectors:
@@ -296,6 +335,7 @@ def run_detection(model, test, train, *, out, attacks: Sequence[str] = ATTACK_NA
         result[d] = {a: v["mean"] for a, v in res["known"].items()}
         result[f"{d}_std"] = {a: v["std"] for a, v in res["known"].items()}
         result["unknown"][d] = {a: v["mean"] for a, v in res["unknown"].items()}
+        result["chosen"][d] = {a: v["chosen"] for a, v in res["known"].items()}
         if d == "mahalanobis":
             result["chosen_eps"] = {a: v["chosen"] for a, v in res["known"].items()}
         if d == "lid":
@@ -337,4 +377,4 @@ def attack_summary(out, attacks: Sequence[str]) -> dict:
 
 
 __all__ = ["ATTACK_NAMES", "DETECTORS", "attack_summary", "attack_twins", "cached_scores", "check_names",
-           "extract_features", "format_table", "protocol_configs", "run_detection"]
+           "extract_features", "format_table", "gates_id", "protocol_configs", "run_detection", "subnet_gates"]

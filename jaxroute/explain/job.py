@@ -37,23 +37,6 @@ from jaxroute.utils.io import atomic_save_npz
 TARGET_RULES = ("label", "pred")
 
 
-def class_gates(path: str | os.PathLike, model) -> np.ndarray:
-    """The class subnetworks of a ``jaxroute subnet`` output (:func:`jaxroute.routing.subnet.load_subnets`,
-    which refuses subnetworks of another model) as one gate vector per class of ``model``: (K, D), row c = class c."""
-    from jaxroute.routing.subnet import load_subnets
-
-    s = load_subnets(path, model)
-    k = model.num_classes
-    missing = sorted(set(range(k)) - {int(c) for c in s.classes})
-    if missing:
-        raise ValueError(f"{path} has no subnetwork for classes {missing}; explaining every class needs all {k}")
-    gates = np.zeros((k, model.spec.size), np.float32)
-    gates[np.asarray(s.classes, int)] = s.gates
-    if not np.all(np.isfinite(gates)):
-        raise ValueError(f"the subnetworks in {path} hold non-finite gates")
-    return gates
-
-
 def explanation_outputs(model, method: str, config=None, *, subnets=None, target: str = "label",
                         key: jax.Array | None = None) -> Callable:
     """Jitted ``fn(images, labels, index) -> {attributions, maps, target}`` for the extraction job.

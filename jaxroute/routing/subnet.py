@@ -446,13 +446,7 @@ def load_subnets(path: str | os.PathLike, model=None) -> Subnets:
             raise ValueError(f"{f} is not a subnetwork file (missing {missing})")
         res = Subnets(**{n: z[n] for n in Subnets._fields})
     if model is not None:
-        d = model.spec.size
-        if res.gates.ndim != 2 or res.gates.shape[1] != d:
-            raise ValueError(f"{f} holds gates of shape {res.gates.shape}; model {model.name} "
-                             f"({model.gate_placement} gates) has {d} gates per subnetwork")
-        if res.classes.max(initial=-1) >= model.num_classes:
-            raise ValueError(f"{f} holds subnetworks of class {int(res.classes.max())}; model {model.name} "
-                             f"has {model.num_classes} classes")
+        check_subnets(res, model, str(f))
         manifest = f.parent / MANIFEST
         if manifest.is_file():
             m = json.loads(manifest.read_text())
@@ -461,6 +455,44 @@ def load_subnets(path: str | os.PathLike, model=None) -> Subnets:
                 raise ValueError(f"{f} was distilled from a model with another gate layout "
                                  f"({m.get('job', {}).get('model')}), not {model.name}")
     return res
+
+
+def check_subnets(subnets: Subnets, model, where: str = "the subnetworks") -> None:
+    """Refuse subnetworks of another model (gate count or class count differ) with a one-line ValueError."""
+    gates, classes = np.asarray(subnets.gates), np.asarray(subnets.classes)
+    d = model.spec.size
+    if gates.ndim != 2 or gates.shape[1] != d:
+        raise ValueError(f"{where} holds gates of shape {gates.shape}; model {model.name} "
+                         f"({model.gate_placement} gates) has {d} gates per subnetwork")
+    if classes.max(initial=-1) >= model.num_classes:
+        raise ValueError(f"{where} holds subnetworks of class {int(classes.max())}; model {model.name} "
+                         f"has {model.num_classes} classes")
+
+
+def class_gates(subnets, model) -> np.ndarray:
+    """One gate vector per class of ``model``, (K, D) float32, row c = class c's subnetwork.
+
+    ``subnets``: a ``jaxroute subnet`` output folder or its ``subnets.npz``
+    (:func:`load_subnets`, which refuses subnetworks of another model), or a
+    :class:`Subnets`.  Every class needs a subnetwork and every gate must be finite.
+    """
+    if isinstance(subnets, Subnets):
+        where = "the subnetworks"
+        check_subnets(subnets, model, where)
+        s = subnets
+    else:
+        where = str(subnets)
+        s = load_subnets(subnets, model)
+    k = model.num_classes
+    missing = sorted(set(range(k)) - {int(c) for c in s.classes})
+    if missing:
+        raise ValueError(f"{where} has no subnetwork for classes {missing}; every class of {model.name} needs one "
+                         f"(all {k})")
+    gates = np.zeros((k, model.spec.size), np.float32)
+    gates[np.asarray(s.classes, int)] = s.gates
+    if not np.all(np.isfinite(gates)):
+        raise ValueError(f"the subnetworks in {where} hold non-finite gates")
+    return gates
 
 
 # --------------------------------------------------------------------------- evaluation

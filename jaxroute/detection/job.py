@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -147,17 +146,15 @@ def cached_scores(out: Path, name: str, setting: Mapping, compute: Callable[[], 
 
 
 def subnet_gates(subnets, model) -> np.ndarray:
-    """The class subnetworks as (K, D) gates for ``model``: from a ``jaxroute subnet`` folder or its
-    ``subnets.npz``, a :class:`~jaxroute.routing.subnet.Subnets`, or a (K, D) array; another model's
-    subnetworks, a folder without ``subnets.npz`` or a class without a subnetwork end in one clear error."""
-    from jaxroute.detection.mahalanobis import check_class_gates
-    from jaxroute.routing.subnet import Subnets, class_gates
+    """The class subnetworks as (K, D) gates for ``model``
+    (:func:`jaxroute.routing.subnet.class_gates`: a ``jaxroute subnet`` folder or its ``subnets.npz``, a
+    :class:`~jaxroute.routing.subnet.Subnets`, or a (K, D) array); None, another model's subnetworks, a
+    folder without ``subnets.npz`` or a class without a subnetwork end in one clear error."""
+    from jaxroute.routing.subnet import class_gates
 
     if subnets is None:
         raise ValueError("the subnet detector needs --subnets DIR (class subnetworks)")
-    if isinstance(subnets, (str, os.PathLike, Subnets)):
-        return class_gates(subnets, model)
-    return check_class_gates(subnets, model)
+    return class_gates(subnets, model)
 
 
 def gates_id(gates) -> str:

@@ -226,17 +226,6 @@ class MahalanobisScorer:
                            min(self.batch_size, len(x)))
 
 
-def check_class_gates(class_gates, model) -> np.ndarray:
-    """``class_gates`` as a float32 (K, D) array, one subnetwork per class of ``model``, or a one-line ValueError."""
-    gates = np.asarray(class_gates, np.float32)
-    if gates.shape != (model.num_classes, model.spec.size):
-        raise ValueError(f"class gates must be ({model.num_classes}, {model.spec.size}) -- one subnetwork per "
-                         f"class of {model.name} -- got shape {gates.shape}")
-    if not np.isfinite(gates).all():
-        raise ValueError("class gates hold non-finite values")
-    return gates
-
-
 class SubnetMahalanobisScorer(MahalanobisScorer):
     """The class-subnetwork Mahalanobis detector of Wang, Hu, Su (arXiv:1910.02673, §5.2, Eq. 4-5).
 
@@ -262,11 +251,13 @@ class SubnetMahalanobisScorer(MahalanobisScorer):
     def __init__(self, model, points: Sequence[str], class_gates, config: MahalanobisConfig = MahalanobisConfig(),
                  batch_size: int = 100):
         super().__init__(model, points, config, batch_size)
-        self.class_gates = check_class_gates(class_gates, model)
+        from jaxroute.routing.subnet import class_gates as as_class_gates
+
+        self.class_gates = as_class_gates(class_gates, model)
         fn = jax.jit(lambda gs, cg, x, channels: subnet_layer_scores(model, gs, self.points, x, cg, config.epsilons,
                                                                       channels=channels), static_argnames="channels")
         self._fn = lambda gs, x, channels: fn(gs, self.class_gates, x, channels=channels)
 
 
-__all__ = ["LEE_EPSILONS", "MahalanobisConfig", "MahalanobisScorer", "SubnetMahalanobisScorer", "check_class_gates",
+__all__ = ["LEE_EPSILONS", "MahalanobisConfig", "MahalanobisScorer", "SubnetMahalanobisScorer",
            "fit_layer_gaussians", "layer_scores", "subnet_layer_scores"]

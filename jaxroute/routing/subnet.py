@@ -473,9 +473,18 @@ def class_gates(subnets, model) -> np.ndarray:
     """One gate vector per class of ``model``, (K, D) float32, row c = class c's subnetwork.
 
     ``subnets``: a ``jaxroute subnet`` output folder or its ``subnets.npz``
-    (:func:`load_subnets`, which refuses subnetworks of another model), or a
-    :class:`Subnets`.  Every class needs a subnetwork and every gate must be finite.
+    (:func:`load_subnets`, which refuses subnetworks of another model), a
+    :class:`Subnets`, or the (K, D) array itself.  Every class needs a
+    subnetwork and every gate must be finite.
     """
+    if not isinstance(subnets, (str, os.PathLike, Subnets)):
+        gates = np.asarray(subnets, np.float32)
+        if gates.shape != (model.num_classes, model.spec.size):
+            raise ValueError(f"class gates must be ({model.num_classes}, {model.spec.size}) -- one subnetwork per "
+                             f"class of {model.name} -- got shape {gates.shape}")
+        if not np.isfinite(gates).all():
+            raise ValueError("class gates hold non-finite values")
+        return gates
     if isinstance(subnets, Subnets):
         where = "the subnetworks"
         check_subnets(subnets, model, where)

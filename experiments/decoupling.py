@@ -199,7 +199,8 @@ def analyse(model, cfg: AnalysisConfig, out, log=print) -> dict:
     Returns ``{"table4": ..., "fig3": ..., "fig7": ...}``, each also ``OUT/<stage>.json``.
     """
     from jaxroute.analysis import (class_mean_paths, derangement, embed_paths, layer_clustering_scores,
-                                   layer_correlations, layer_fractions, plot_embeddings, plot_layer_profiles)
+                                   layer_correlations, layer_fractions, plot_embeddings, plot_layer_profiles,
+                                   split_layers)
     from jaxroute.attacks import BIMConfig, cached_attack_dataset
     from jaxroute.decoupling.model import dataset_paths
     from jaxroute.detection import evaluate_protocol
@@ -301,9 +302,17 @@ def analyse(model, cfg: AnalysisConfig, out, log=print) -> dict:
                          "clean_pred": names[int(a["clean_pred"][j])]}
         res["fraction_on"] = {f"{cfg.source} image": fr[0].tolist(), "adversarial": fr[1].tolist(),
                               **res["fraction_on"]}
-        res["correlation"] = {f"adversarial vs mean {cfg.source}": corr["to_source_class"][0].tolist(),
-                              f"adversarial vs mean {cfg.target}": corr["to_reached_class"][0].tolist(),
-                              f"{cfg.source} image vs mean {cfg.source}": ref[0].tolist()}
+        # Pearson r is undefined where either side's layer is constant (every filter on, say):
+        # None (a gap in the figure, n/a in the table), not rowwise_corr's 0
+        flat = lambda v: [np.ptp(u) == 0 for u in split_layers(np.reshape(v, (1, -1)), spec).values()]  # noqa: E731
+
+        def defined(r, a, b):
+            return [None if fa or fb else float(x) for x, fa, fb in zip(r, flat(a), flat(b))]
+
+        res["correlation"] = {
+            f"adversarial vs mean {cfg.source}": defined(corr["to_source_class"][0], adv, means[s]),
+            f"adversarial vs mean {cfg.target}": defined(corr["to_reached_class"][0], adv, means[t]),
+            f"{cfg.source} image vs mean {cfg.source}": defined(ref[0], orig, means[s])}
         plot_layer_profiles({"fraction of filters on": res["fraction_on"], "Pearson r of the layer's z": res[
             "correlation"]}, spec.names, out / f"fig7_{cfg.source}_{cfg.target}.png",
             f"{cfg.source} -> {cfg.target}: test image {i}, targeted I-FGSM (eps {cfg.eps}, {cfg.attack_steps} steps)",
@@ -378,9 +387,13 @@ def analysis_lines(res: dict, cfg: AnalysisConfig) -> list[str]:
           "|---|" + "---:|" * (len(pick) + 1)]
     for what in ("fraction_on", "correlation"):
         for label, v in f7[what].items():
+            known = [x for x in v if x is not None]
             L.append(f"| {'on: ' if what == 'fraction_on' else 'r: '}{label} | "
-                     + " | ".join(f"{v[i]:.3f}" for i in pick) + f" | {np.mean(v):.3f} |")
-    L += ["", f"![{f7['source']} -> {f7['target']}](fig7_{f7['source']}_{f7['target']}.png)"]
+                     + " | ".join("n/a" if v[i] is None else f"{v[i]:.3f}" for i in pick)
+                     + (f" | {np.mean(known):.3f} |" if known else " | n/a |"))
+    L += ["", "r n/a: the layer's z (or the class mean) is constant there, so the correlation is undefined; "
+          "the mean is over the other layers.",
+          "", f"![{f7['source']} -> {f7['target']}](fig7_{f7['source']}_{f7['target']}.png)"]
     return L
 
 

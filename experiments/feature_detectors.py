@@ -35,7 +35,8 @@ serves every model, and a ``jaxroute subnet`` folder one model).  Without
 Cache and resume: every model's attacks, features and characteristics live
 under ``OUT/cache/<model>/`` (the detection job's layout, written atomically);
 a run started again with the same arguments reuses them, and adding a model
-keeps the others' cache.  A cache written with other arguments is refused
+keeps the others' cache, and so does adding ``--subnets`` (its files are keyed
+by the gates).  A cache written with other arguments is refused
 (``OUT/cache/config.json``).  ``--limit N`` uses the first N test images
 (class-interleaved), ``--train-limit N`` the first N training images for the
 class statistics (means, covariance, kernel density); the report states both.
@@ -94,8 +95,10 @@ class Config:
     batch_size: int = 100
     seed: int = 0
 
-    # what the cached results depend on (the model list is not: adding a model resumes)
-    CACHE_FIELDS = ("models_dir", "data", "limit", "train_limit", "subnets", "lid_rule", "pu_passes", "runs",
+    # what the cached results depend on (the model list is not: adding a model resumes; nor are the
+    # subnetworks: the detection job keys the subnet detector's files by a fingerprint of the gates,
+    # so adding --subnets later reuses the attacks and the other detectors' features)
+    CACHE_FIELDS = ("models_dir", "data", "limit", "train_limit", "lid_rule", "pu_passes", "runs",
                     "batch_size", "seed")
 
     def __post_init__(self):

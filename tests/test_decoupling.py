@@ -7,6 +7,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxroute.decoupling import losses
@@ -14,7 +15,7 @@ from jaxroute.decoupling.controller import binarised_rows, semhash, semhash_part
 from jaxroute.decoupling.flops import (capacities, dense_macs, gathered_forward, macs_per_sample, xla_flops)
 from jaxroute.decoupling.model import (calculation_paths, controller_outputs, decoupled_model, save_decoupled,
                                        split_controllers)
-from jaxroute.decoupling.train import DecoupleConfig, evaluate, train_decoupled
+from jaxroute.decoupling.train import DecoupleConfig, evaluate, lr_boundaries, train_decoupled
 from jaxroute.models.gates import flatten_gates, ones_gates
 from jaxroute.models.registry import gate_spec
 from jaxroute.weights import load_model
@@ -134,6 +135,14 @@ def digits_data():
     from jaxroute.data import load_dataset
 
     return load_dataset("digits", "train", limit=96), load_dataset("digits", "test", limit=64)
+
+
+def test_lr_milestones_that_round_to_one_epoch_both_decay():
+    # 3 joint epochs: 0.5 and 0.75 both round to epoch 2, so the rate there is lr / 100
+    assert lr_boundaries((0.5, 0.75), 3, 10, 0.1) == pytest.approx({20: 0.01})
+    assert lr_boundaries((0.5, 0.75), 12, 10, 0.1) == pytest.approx({60: 0.1, 90: 0.1})
+    sched = optax.piecewise_constant_schedule(0.01, lr_boundaries((0.5, 0.75), 3, 10, 0.1))
+    assert [float(sched(s)) for s in (19, 20, 29)] == pytest.approx([0.01, 1e-4, 1e-4])
 
 
 def test_init_selects_the_same_filters_for_every_input(digits_dec, digits_data):

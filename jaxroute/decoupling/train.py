@@ -128,6 +128,20 @@ def make_tx(config: DecoupleConfig, params, frozen: bool, steps_per_epoch: int):
                     tuple(jax.tree.leaves(labels)))
 
 
+def lr_boundaries(milestones, epochs: int, steps_per_epoch: int, decay: float) -> dict:
+    """``{step: scale}`` for ``optax.piecewise_constant_schedule``: one ``decay`` per milestone.
+
+    Milestones are fractions of ``epochs`` rounded to whole epochs; on a short schedule two
+    can round to the same epoch, and their decays multiply there (a dict keyed by step would
+    otherwise keep only one).
+    """
+    out: dict = {}
+    for m in milestones:
+        step = int(round(m * epochs)) * steps_per_epoch
+        out[step] = out.get(step, 1.0) * decay
+    return out
+
+
 @functools.lru_cache(maxsize=16)
 def _make_tx(config, frozen, steps_per_epoch, label_def, label_leaves):
     # Cached: the optimiser is a static part of the train state, so an equal one (the same
@@ -139,8 +153,8 @@ def _make_tx(config, frozen, steps_per_epoch, label_def, label_leaves):
                                      jax.tree_util.tree_unflatten(label_def, label_leaves))
     joint = config.epochs - config.freeze_backbone_epochs
     lr = config.lr if config.joint_lr is None else config.joint_lr
-    schedule = optax.piecewise_constant_schedule(
-        lr, {int(round(m * joint)) * steps_per_epoch: config.lr_decay for m in config.milestones})
+    schedule = optax.piecewise_constant_schedule(lr, lr_boundaries(config.milestones, joint, steps_per_epoch,
+                                                                   config.lr_decay))
     return optax.chain(optax.add_decayed_weights(config.weight_decay),
                        optax.sgd(schedule, momentum=config.momentum))
 

@@ -265,3 +265,73 @@ def test_logistic_detector_names_too_few_training_rows():
         LogisticDetector().fit(x, np.array([0, 0, 0, 0, 1, 1]))
     with pytest.raises(ValueError, match="both real"):
         LogisticDetector().fit(x, np.zeros(6, int))
+
+
+
+def _fake_attack(out, name, images, labels, rng):
+    """An attack cache file (``attacks/<name>.npz`` of :func:`~jaxroute.detection.job.attack_twins`):
+    perturbed twins that count as misclassified, noisy twins that count as correct, so every image is
+    selected without running an attack (the attacks are tested on their own)."""
+    from jaxroute.utils.io import atomic_save_npz
+
+    adv = np.clip(images + rng.normal(0, 0.1, images.shape), 0, 1).astype(np.float32)
+    noisy = np.clip(images + rng.normal(0, 0.03, images.shape), 0, 1).astype(np.float32)
+    atomic_save_npz(out / "attacks" / f"{name}.npz", adv=adv, adv_pred=(labels + 1) % 10, labels=labels,
+                    l2=np.linalg.norm((adv - images).reshape(len(images), -1), axis=1), clean_pred=labels,
+                    noisy=noisy, noisy_pred=labels, sigma=np.float64(0.03))
+
+
+def test_cdrp_detector_row(tiny, tmp_path):
+    """The cdrp detector: its characteristics are dgr_route's flattened gates of the same images (the
+    clean images' computed once, each attack taking its selected rows), in fixed-size padded batches; its
+    row is in the result (known and unknown attack) and in the table; a cdrp-only run extracts no
+    features; another classifier reuses the cache, another DGR config is refused; unknown detector or
+    classifier names end before any work.  The attacks' cache is written here (a random digits CNN, DGR
+    with 4 steps) to keep the test fast."""
+    from jaxroute.data import Dataset
+    from jaxroute.detection.detector import CLASSIFIERS
+    from jaxroute.detection.job import CDRP_CLASSIFIERS, cdrp_characteristics, format_table, run_detection
+    from jaxroute.routing.dgr import DGRConfig, dgr_route
+
+    model, images, labels = tiny
+    n = 100
+    x, y = images[:n], labels[:n]
+    test = Dataset(x, y, tuple(map(str, range(10))), "digits")
+    out = tmp_path / "det"
+    rng = np.random.default_rng(0)
+    for a in ("fgsm", "bim"):
+        _fake_attack(out, a, x, y, rng)
+    cfg = DGRConfig(steps=4)
+    run = lambda **kw: run_detection(model, test, test, out=out, attacks=("fgsm", "bim"),   # noqa: E731
+                                     detectors=("cdrp",), batch_size=48, log=lambda m: None, **{"dgr": cfg, **kw})
+    res = run()
+    for a in ("fgsm", "bim"):
+        assert 0.0 <= res["cdrp"][a] <= 1.0 and res["chosen"]["cdrp"][a] == ["-"] and res["n_selected"][a] == n
+    assert 0.0 <= res["unknown"]["cdrp"]["bim"] <= 1.0 and set(res["unknown"]["cdrp"]) == {"bim"}
+    assert res["cdrp_classifier"] == "logistic" and res["dgr"]["steps"] == 4
+    table = format_table(res, ("fgsm", "bim"), ("cdrp",)).splitlines()
+    assert table[2].startswith("cdrp ") and table[3].startswith("  from fgsm")
+    assert not (out / "features").exists()
+    route = jax.jit(lambda x: dgr_route(model, x, config=cfg).cdrp)
+    with np.load(out / "scores" / "cdrp-clean.npz") as z:
+        clean = z["clean"]
+    assert clean.shape == (n, model.spec.size)
+    np.testing.assert_allclose(clean, route(x), atol=1e-6)
+    for a in ("fgsm", "bim"):
+        with np.load(out / "scores" / f"cdrp-{a}.npz") as z, np.load(out / "attacks" / f"{a}.npz") as t:
+            np.testing.assert_array_equal(z["clean"], clean)
+            np.testing.assert_allclose(z["adv"], route(t["adv"]), atol=1e-6)
+            np.testing.assert_allclose(z["noisy"], route(t["noisy"]), atol=1e-6)
+    np.testing.assert_allclose(cdrp_characteristics(model, x[:5], cfg, batch_size=3), clean[:5], atol=1e-6)
+    # the same cached characteristics through one of the DGR paper's classifiers
+    gb = run(cdrp_classifier="gradient_boosting")
+    assert gb["cdrp_classifier"] == "gradient_boosting" and 0.0 <= gb["cdrp"]["fgsm"] <= 1.0
+    assert set(CDRP_CLASSIFIERS) == {"logistic", *CLASSIFIERS}
+    with pytest.raises(ValueError, match="other settings"):
+        run(dgr=DGRConfig(steps=5))
+    for kw, msg in (({"detectors": ("cdrp", "nope")}, r"unknown detector\(s\) \['nope'\]"),
+                    ({"detectors": ("cdrp",), "cdrp_classifier": "svm"}, "unknown cdrp classifier"),
+                    ({"detectors": ("cdrp",), "dgr": {"steps": 4}}, "DGRConfig")):
+        with pytest.raises((ValueError, TypeError), match=msg):
+            run_detection(model, test, test, out=tmp_path / "o", **kw)
+    assert not (tmp_path / "o").exists()

@@ -1,5 +1,6 @@
-"""``jaxroute adv-detect``: feature-space adversarial detectors (Mahalanobis, LID, KD+PU, and the
-class-subnetwork Mahalanobis detector ``subnet`` of Wang, Hu, Su with ``--subnets DIR``) and their protocol.
+"""``jaxroute adv-detect``: feature-space adversarial detectors (Mahalanobis, LID, KD+PU, the
+class-subnetwork Mahalanobis detector ``subnet`` of Wang, Hu, Su with ``--subnets DIR``, and ``cdrp``, the
+DGR routing paths of Wang et al. as characteristics) and their protocol.
 
 A thin layer over :func:`jaxroute.detection.job.run_detection`, which does the
 work and documents the cache under ``--out`` (attacks, features,
@@ -36,9 +37,12 @@ def cmd_adv_detect(args):
     import numpy as np
 
     from jaxroute.detection.density import KDPUConfig
-    from jaxroute.detection.job import ATTACK_NAMES, DETECTORS, format_table, run_detection, subnet_gates
+    from jaxroute.detection.job import (
+        ATTACK_NAMES, CDRP_CLASSIFIERS, DETECTORS, format_table, run_detection, subnet_gates,
+    )
     from jaxroute.detection.lid import LIDConfig
     from jaxroute.detection.mahalanobis import MahalanobisConfig
+    from jaxroute.routing.dgr import DGRConfig
     from jaxroute.utils.io import check_writable_dir
 
     attacks = _names(args.attacks, ATTACK_NAMES, "attack(s)")
@@ -58,6 +62,9 @@ def cmd_adv_detect(args):
     lcfg = LIDConfig(drop_first=args.lid_rule,
                      **({"ks": _ints(args.lid_k, "--lid-k")} if args.lid_k is not None and "lid" in detectors else {}))
     kcfg = KDPUConfig(bandwidth=args.bandwidth, passes=args.pu_passes) if "kd_pu" in detectors else None
+    dcfg = DGRConfig(**{k: v for k, v in (("steps", args.dgr_steps), ("gamma", args.dgr_gamma)) if v is not None}
+                     ) if "cdrp" in detectors else None
+    _names(args.cdrp_classifier, CDRP_CLASSIFIERS, "cdrp classifier")
     if "subnet" in detectors:
         from jaxroute.routing.subnet import load_subnets
 
@@ -77,7 +84,8 @@ def cmd_adv_detect(args):
                         train.class_names, train.name)
     result = run_detection(
         model, test, train, out=out, attacks=attacks, detectors=detectors, mahalanobis=mcfg, lid=lcfg, kd_pu=kcfg,
-        subnets=gates, runs=args.runs, batch_size=args.batch_size, seed=args.seed,
+        subnets=gates, dgr=dcfg, cdrp_classifier=args.cdrp_classifier, runs=args.runs, batch_size=args.batch_size,
+        seed=args.seed,
         job={"weights": str(args.weights or ""), "data": args.data},
         train_job={"split": args.train_split, "limit": args.train_limit},
         test_job={"split": args.split, "limit": args.limit}, log=log)
@@ -85,15 +93,19 @@ def cmd_adv_detect(args):
 
 
 def add_parsers(sub) -> None:
+    from jaxroute.routing.dgr import DGRConfig
+
+    dgr = DGRConfig()
     p = sub.add_parser("adv-detect", help="feature-space adversarial detectors (Mahalanobis, LID, KD+PU, "
-                       "class-subnetwork Mahalanobis)")
+                       "class-subnetwork Mahalanobis, DGR routing paths)")
     add_model_args(p)
     add_data_args(p)
     p.add_argument("--train-split", default="train", help="split the class statistics are fitted on")
     p.add_argument("--train-limit", type=int, default=None, help="use the first N training images")
     p.add_argument("--attacks", default="fgsm,bim,deepfool,cw")
     p.add_argument("--detectors", default="kd_pu,lid,mahalanobis",
-                   help="comma-separated: kd_pu, lid, mahalanobis, subnet (needs --subnets)")
+                   help="comma-separated: kd_pu, lid, mahalanobis, subnet (needs --subnets), cdrp (DGR routing "
+                        "paths; T forward/backward passes per image, best on a GPU)")
     p.add_argument("--subnets", default=None, help="class subnetworks of this model (a `jaxroute subnet` output "
                    "folder) for the subnet detector")
     p.add_argument("--lid-rule", choices=("self", "all"), default="self",
@@ -104,6 +116,11 @@ def add_parsers(sub) -> None:
     p.add_argument("--lid-k", default=None, help="LID neighbour counts, comma-separated (default 10,20,...,90)")
     p.add_argument("--bandwidth", type=float, default=0.26, help="KD bandwidth (0.26: Feinman et al., CIFAR-10)")
     p.add_argument("--pu-passes", type=int, default=50, help="stochastic passes of the predictive uncertainty")
+    p.add_argument("--dgr-steps", type=int, default=None, help=f"cdrp: DGR steps T (default {dgr.steps}, the paper's)")
+    p.add_argument("--dgr-gamma", type=float, default=None, help=f"cdrp: DGR L1 weight γ (default {dgr.gamma})")
+    p.add_argument("--cdrp-classifier", default="logistic",
+                   help="cdrp: the protocol's classifier, logistic (default: the regression of every row) or one "
+                        "of the DGR paper's random_forest, adaboost, gradient_boosting")
     p.add_argument("--runs", type=int, default=1, help="reshuffles of the split; AUROC mean ± std")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)

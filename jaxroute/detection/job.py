@@ -17,7 +17,8 @@ training set:
 4. characteristics per detector and attack (Mahalanobis: layer scores at
    every ε; subnet: the class-subnetwork Mahalanobis layer scores of Wang,
    Hu, Su at every ε, each test image through all K subnetworks; LID:
-   layer estimates at every k; KD+PU: density and uncertainty);
+   layer estimates at every k; KD+PU: density and uncertainty; cdrp: the
+   image's DGR routing path, :func:`cdrp_characteristics`);
 5. the protocol: known attack (each attack fitted on itself) and unknown
    attack (fitted on FGSM, tested on the others), AUROC.
 
@@ -28,18 +29,19 @@ and a file computed with other settings is refused rather than mixed in)::
     features/<set>/                  extraction shards (train, clean, <attack>-adv, <attack>-noisy;
                                      train-subnet: through each image's own class's subnetwork)
     scores/<detector>-<attack>.npz   characteristics of the selected images, per candidate
-    scores/<detector>-clean.npz      Mahalanobis / subnet / KD+PU characteristics of every clean
-                                     test image, computed once and shared by the attacks
+    scores/<detector>-clean.npz      Mahalanobis / subnet / KD+PU / CDRP characteristics of every
+                                     clean test image, computed once and shared by the attacks
     result.json                      the AUROCs
 
-The clean images' (subnet) Mahalanobis scores and predictive uncertainties do not
-depend on the attack, so they are computed once for all test images and each
+The clean images' (subnet) Mahalanobis scores, predictive uncertainties and CDRPs do
+not depend on the attack, so they are computed once for all test images and each
 attack takes its selected rows.  LID is not shared: a query's reference is
 the clean mini-batch of the *selected* images it falls in, as in the
 reference code.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -48,7 +50,9 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-DETECTORS = ("kd_pu", "lid", "mahalanobis", "subnet")
+DETECTORS = ("kd_pu", "lid", "mahalanobis", "subnet", "cdrp")
+# the classifiers the cdrp detector may use in the protocol (the others use its logistic regression)
+CDRP_CLASSIFIERS = ("logistic", "random_forest", "adaboost", "gradient_boosting")
 ATTACK_NAMES = ("fgsm", "bim", "deepfool", "cw")
 
 
@@ -162,6 +166,34 @@ def gates_id(gates) -> str:
     return hashlib.sha256(np.ascontiguousarray(gates, np.float32).tobytes()).hexdigest()[:16]
 
 
+def cdrp_program(model, config=None) -> Callable:
+    """Jitted ``fn(batch_index, images) -> (B, D)`` CDRPs: the route job's DGR program
+    (:func:`jaxroute.routing.job.route_outputs`), keeping only the flattened per-sample gates (the
+    penultimate features it also returns are not computed: XLA drops unused outputs)."""
+    import jax
+
+    from jaxroute.routing.job import route_outputs
+
+    route = route_outputs(model, "dgr", config)
+    return jax.jit(lambda i, x: route(x)["cdrp"])
+
+
+def cdrp_characteristics(model, images, config=None, batch_size: int = 100, program: Callable | None = None
+                         ) -> np.ndarray:
+    """The cdrp detector's characteristic of every image: its DGR routing path (Wang et al., CVPR 2018,
+    :func:`jaxroute.routing.dgr.dgr_route` with ``config``, a
+    :class:`~jaxroute.routing.dgr.DGRConfig`, the paper's defaults when None), the (N, D) flattened gates.
+
+    Fixed-size batches of ``batch_size`` (the last one padded), so one compiled program serves every
+    set; ``program`` (from :func:`cdrp_program`) reuses a compiled one.
+    """
+    from jaxroute.utils.devices import map_batches
+
+    _check_int("batch_size", batch_size, 1)
+    fn = cdrp_program(model, config) if program is None else program
+    return np.asarray(map_batches(fn, (np.asarray(images, np.float32),), batch_size))
+
+
 def _check_int(name: str, value, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -169,7 +201,8 @@ def _check_int(name: str, value, low: int) -> None:
 
 def run_detection(model, test, train, *, out, attacks: Sequence[str] = ATTACK_NAMES,
                   detectors: Sequence[str] = ("kd_pu", "lid", "mahalanobis"), mahalanobis=None, lid=None,
-                  kd_pu=None, subnets=None, runs: int = 1, batch_size: int = 100, seed: int = 0,
+                  kd_pu=None, subnets=None, dgr=None, cdrp_classifier: str = "logistic", runs: int = 1,
+                  batch_size: int = 100, seed: int = 0,
                   job: Mapping | None = None, train_job: Mapping | None = None, test_job: Mapping | None = None,
                   log: Callable[[str], object] = print) -> dict:
     """The feature-space detector protocol (see the module doc) for ``model`` on ``test``, class
@@ -189,11 +222,29 @@ def run_detection(model, test, train, *, out, attacks: Sequence[str] = ATTACK_NA
     config (the same ε grid and shrinkage; see
     :class:`~jaxroute.detection.mahalanobis.SubnetMahalanobisScorer`).
 
+    ``cdrp``: the DGR paper's routing paths as characteristics
+    (:func:`cdrp_characteristics`; ``dgr`` the
+    :class:`~jaxroute.routing.dgr.DGRConfig`; when None its defaults: the
+    paper's T = 30, lr 0.1, momentum 0.9, clip [0, 10], and γ = 0.05), one candidate ``"-"``
+    per attack; it needs no extracted features.  The DGR paper's detector
+    trains a random forest, AdaBoost or gradient boosting on the CDRPs of
+    real and adversarial images (:mod:`jaxroute.detection.detector`,
+    ``reports/cdrp``); here the CDRPs go through this protocol like every
+    other detector (the same selection, noisy twins, split and, by default,
+    the same logistic regression), so every row of Table 2 shares split and
+    classifier.  ``cdrp_classifier`` (one of :data:`CDRP_CLASSIFIERS`)
+    replaces that regression for this detector only by one of the DGR
+    paper's classifiers (:class:`~jaxroute.detection.detector.TreeDetector`,
+    fitted on the same rows).  A GPU/TPU routes far faster than a CPU: DGR
+    runs T forward/backward passes per image, over all test images and the
+    selected adversarial and noisy twins of every attack.
+
     Returns ``{detector: {attack: auroc}}``, ``<detector>_std``, ``unknown``
     (``{detector: {attack: auroc}}``, fitted on FGSM), ``n_selected``,
     ``chosen`` (``{detector: {attack: [candidate per run]}}``, every
     detector), ``chosen_eps`` (Mahalanobis) and ``chosen_k`` (LID) (per
-    attack, one entry per run), ``runs``, ``lid_rule`` and ``points``; also
+    attack, one entry per run), ``runs``, ``lid_rule`` and ``points`` (with
+    ``cdrp`` also ``cdrp_classifier`` and ``dgr``, the config); also
     written to ``out/result.json``.
     """
     import jax
@@ -203,7 +254,8 @@ def run_detection(model, test, train, *, out, attacks: Sequence[str] = ATTACK_NA
     from jaxroute.detection.features import load_features, stage_points
     from jaxroute.detection.lid import LIDConfig, lid_features
     from jaxroute.detection.mahalanobis import MahalanobisConfig, MahalanobisScorer, SubnetMahalanobisScorer
-    from jaxroute.detection.protocol import MIN_SELECTED, run_protocol, select
+    from jaxroute.detection.protocol import MIN_SELECTED, LogisticDetector, run_protocol, select
+    from jaxroute.routing.dgr import DGRConfig
     from jaxroute.utils.io import check_writable_dir
 
     attacks = check_names(attacks, ATTACK_NAMES, "attack(s)")
@@ -212,12 +264,14 @@ def run_detection(model, test, train, *, out, attacks: Sequence[str] = ATTACK_NA
     _check_int("batch_size", batch_size, 1)
     _check_int("seed", seed, 0)
     for name, cfg, cls in (("mahalanobis", mahalanobis, MahalanobisConfig), ("lid", lid, LIDConfig),
-                           ("kd_pu", kd_pu, KDPUConfig)):
+                           ("kd_pu", kd_pu, KDPUConfig), ("dgr", dgr, DGRConfig)):
         if cfg is not None and not isinstance(cfg, cls):
             raise TypeError(f"{name} must be a {cls.__name__}, got {type(cfg).__name__}")
     mcfg = (mahalanobis or MahalanobisConfig()) if {"mahalanobis", "subnet"} & set(detectors) else None
     lcfg = (lid or LIDConfig()) if "lid" in detectors else None
     kcfg = (kd_pu or KDPUConfig()) if "kd_pu" in detectors else None
+    dcfg = (dgr or DGRConfig()) if "cdrp" in detectors else None
+    check_names((cdrp_classifier,), CDRP_CLASSIFIERS, "cdrp classifier")
     if test.labels is None:
         raise ValueError(f"data {test.name!r} has no labels; the protocol needs the true labels")
     if train.labels is None:
@@ -238,11 +292,16 @@ def run_detection(model, test, train, *, out, attacks: Sequence[str] = ATTACK_NA
         log(f"features {name}: {len(set_labels)} images, {time.perf_counter() - t:.1f} s")
         return res
 
-    feats = {"train": features("train", train.images, train.labels, train_job)}
+    # the cdrp detector reads no extracted features: a cdrp-only run extracts none
+    with_features = bool(set(detectors) - {"cdrp"})
+    feats = {}
+    if with_features:
+        feats["train"] = features("train", train.images, train.labels, train_job)
     if gates is not None:
         feats["train-subnet"] = features("train-subnet", train.images, train.labels,
                                          {**dict(train_job or {}), "subnets": gates_id(gates)}, gates)
-    feats["clean"] = features("clean", test_images, labels, test_job)
+    if with_features:
+        feats["clean"] = features("clean", test_images, labels, test_job)
     cfg = protocol_configs()
     adv, sel = {}, {}
     for a in attacks:
@@ -250,7 +309,7 @@ def run_detection(model, test, train, *, out, attacks: Sequence[str] = ATTACK_NA
         adv[a] = attack_twins(model, Dataset(test_images, labels, tuple(names), test.name), a, cfg[a], out, seed,
                               batch_size, log)
         log(f"attack {a}: {time.perf_counter() - t:.1f} s")
-        for kind in ("adv", "noisy"):
+        for kind in ("adv", "noisy") if with_features else ():
             feats[f"{a}-{kind}"] = features(f"{a}-{kind}", adv[a][kind], labels, test_job)
         sel[a] = np.flatnonzero(select(labels, adv[a]["clean_pred"], adv[a]["noisy_pred"], adv[a]["adv_pred"]))
         if len(sel[a]) < MIN_SELECTED:
@@ -322,13 +381,33 @@ def run_detection(model, test, train, *, out, attacks: Sequence[str] = ATTACK_NA
             s = timed(f"kd_pu-{a}", setting, compute)
             z = zscore(s["adv"], s["clean"], s["noisy"])
             chars["kd_pu"][a] = {"-": tuple(z)}
+    if "cdrp" in detectors:
+        setting = {"dgr": dataclasses.asdict(dcfg)}
+        program = cdrp_program(model, dcfg)          # compiled once: every set runs in batches of batch_size
+
+        def cdrps(images):
+            return cdrp_characteristics(model, images, dcfg, batch_size, program)
+
+        clean = timed("cdrp-clean", {**setting, "n": len(labels)}, lambda: {"clean": cdrps(test_images)})
+        for a in attacks:
+            i = sel[a]
+            s = timed(f"cdrp-{a}", setting, lambda a=a, i=i: {
+                "adv": cdrps(adv[a]["adv"][i]), "clean": clean["clean"][i], "noisy": cdrps(adv[a]["noisy"][i])})
+            chars["cdrp"][a] = {"-": (s["adv"], s["clean"], s["noisy"])}
 
     result = {"n_selected": {a: int(len(sel[a])) for a in attacks}, "unknown": {}, "chosen": {}, "chosen_eps": {},
               "chosen_k": {},
               "runs": runs, "lid_rule": (lid or LIDConfig()).drop_first,
               "points": list(points)}
+    if "cdrp" in detectors:
+        result["cdrp_classifier"], result["dgr"] = cdrp_classifier, dataclasses.asdict(dcfg)
     for d in detectors:
-        res = run_protocol(chars[d], runs=runs, seed=seed, known="fgsm")
+        classifier = LogisticDetector
+        if d == "cdrp" and cdrp_classifier != "logistic":
+            from jaxroute.detection.detector import TreeDetector
+
+            classifier = lambda seed, c=cdrp_classifier: TreeDetector(c, seed=seed)   # noqa: E731
+        res = run_protocol(chars[d], runs=runs, seed=seed, known="fgsm", detector=classifier)
         result[d] = {a: v["mean"] for a, v in res["known"].items()}
         result[f"{d}_std"] = {a: v["std"] for a, v in res["known"].items()}
         result["unknown"][d] = {a: v["mean"] for a, v in res["unknown"].items()}
@@ -373,5 +452,6 @@ def attack_summary(out, attacks: Sequence[str]) -> dict:
     return res
 
 
-__all__ = ["ATTACK_NAMES", "DETECTORS", "attack_summary", "attack_twins", "cached_scores", "check_names",
-           "extract_features", "format_table", "gates_id", "protocol_configs", "run_detection", "subnet_gates"]
+__all__ = ["ATTACK_NAMES", "CDRP_CLASSIFIERS", "DETECTORS", "attack_summary", "attack_twins", "cached_scores",
+           "cdrp_characteristics", "cdrp_program", "check_names", "extract_features", "format_table", "gates_id",
+           "protocol_configs", "run_detection", "subnet_gates"]

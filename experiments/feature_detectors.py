@@ -1,7 +1,7 @@
 """Feature-space adversarial detectors on CIFAR-10: Table 2 of Wang, Hu, Su (arXiv:1910.02673).
 
     python -m experiments.feature_detectors --out reports/detectors [--models resnet20,resnet32]
-        [--limit N] [--train-limit N] [--subnets DIR]
+        [--limit N] [--train-limit N] [--subnets DIR] [--cdrp]
 
 With the pretrained CIFAR-10 ResNets of ``../shared`` on the CIFAR-10 JPEG test
 set, one command writes into ``OUT``:
@@ -32,11 +32,21 @@ that holds a ``subnets.npz`` (so the subnetwork experiment's ``OUT/cache``
 serves every model, and a ``jaxroute subnet`` folder one model).  Without
 ``--subnets`` the row is left out.
 
+"CDRP" (``--cdrp``) is a further row of both tables, which the paper does
+not have: the DGR routing path of each image (Wang et al., CVPR 2018; the
+paper's DGR settings) as its characteristic, through the same selection,
+noisy twins, split and logistic regression as every other row
+(:func:`jaxroute.detection.job.cdrp_characteristics`).  The DGR paper's
+own detector (random forest, AdaBoost and gradient boosting on CDRPs of
+real and targeted-adversarial images) is ``reports/cdrp``'s.  DGR runs 30
+forward/backward passes per image over the test images and every attack's
+selected twins: far slower than the other rows on a CPU.
+
 Cache and resume: every model's attacks, features and characteristics live
 under ``OUT/cache/<model>/`` (the detection job's layout, written atomically);
 a run started again with the same arguments reuses them, and adding a model
 keeps the others' cache, and so does adding ``--subnets`` (its files are keyed
-by the gates).  A cache written with other arguments is refused
+by the gates) or ``--cdrp`` (its files are its own).  A cache written with other arguments is refused
 (``OUT/cache/config.json``).  ``--limit N`` uses the first N test images
 (class-interleaved), ``--train-limit N`` the first N training images for the
 class statistics (means, covariance, kernel density); the report states both.
@@ -62,9 +72,10 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MODELS = {"resnet20": "resnet20-12fca82f.th", "resnet32": "resnet32-d509ac18.th"}
 ATTACKS = ("fgsm", "bim", "deepfool", "cw")
 DETECTORS = ("kd_pu", "lid", "mahalanobis")
-LABELS = {"kd_pu": "KD+PU", "lid": "LID", "mahalanobis": "Mahalanobis", "subnet": "Ours (subnet Mahalanobis)"}
+LABELS = {"kd_pu": "KD+PU", "lid": "LID", "mahalanobis": "Mahalanobis", "subnet": "Ours (subnet Mahalanobis)",
+          "cdrp": "CDRP (DGR routing paths)"}
 ATTACK_LABELS = {"fgsm": "FGSM", "bim": "BIM", "deepfool": "DeepFool", "cw": "CW"}
-# Wang, Hu, Su (arXiv:1910.02673) Table 2, CIFAR-10, AUROC %
+# Wang, Hu, Su (arXiv:1910.02673) Table 2, CIFAR-10, AUROC % (no CDRP row: the report shows "–")
 PAPER = {
     "kd_pu": {"fgsm": 81.21, "bim": 82.28, "deepfool": 81.07, "cw": 55.93},
     "lid": {"fgsm": 99.71, "bim": 96.39, "deepfool": 88.47, "cw": 82.93},
@@ -89,6 +100,7 @@ class Config:
     limit: int | None = 1000          # test images (None: all 10,000)
     train_limit: int | None = None    # training images for the class statistics (None: all 50,000)
     subnets: str | None = None        # class subnetworks (see subnets_dir): adds "Ours"
+    cdrp: bool = False                # adds the CDRP row (DGR routing paths)
     lid_rule: str = "self"
     pu_passes: int = 50
     runs: int = 1
@@ -97,7 +109,8 @@ class Config:
 
     # what the cached results depend on (the model list is not: adding a model resumes; nor are the
     # subnetworks: the detection job keys the subnet detector's files by a fingerprint of the gates,
-    # so adding --subnets later reuses the attacks and the other detectors' features)
+    # so adding --subnets later reuses the attacks and the other detectors' features; nor is cdrp: its
+    # characteristics are files of their own, the attacks and features are shared)
     CACHE_FIELDS = ("models_dir", "data", "limit", "train_limit", "lid_rule", "pu_passes", "runs",
                     "batch_size", "seed")
 
@@ -118,12 +131,14 @@ class Config:
             v = getattr(self, f)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
                 raise ValueError(f"{f} must be an integer >= {low} or None (all images), got {v!r}")
+        if not isinstance(self.cdrp, bool):
+            raise ValueError(f"cdrp must be True or False, got {self.cdrp!r}")
         if self.lid_rule not in ("self", "all"):
             raise ValueError(f"lid_rule must be 'self' or 'all', got {self.lid_rule!r}")
 
     @property
     def detectors(self) -> tuple[str, ...]:
-        return DETECTORS + (("subnet",) if self.subnets else ())
+        return DETECTORS + (("subnet",) if self.subnets else ()) + (("cdrp",) if self.cdrp else ())
 
     def cache_key(self) -> dict:
         return {f: getattr(self, f) for f in self.CACHE_FIELDS}
@@ -161,6 +176,8 @@ def command(cfg: Config, out: str) -> str:
         parts.append(f"--train-limit {cfg.train_limit}")
     if cfg.subnets:
         parts.append(f"--subnets {cfg.subnets}")
+    if cfg.cdrp:
+        parts.append("--cdrp")
     if cfg.lid_rule != "self":
         parts.append(f"--lid-rule {cfg.lid_rule}")
     if cfg.runs != 1:
@@ -321,10 +338,11 @@ def plot_auroc(res: dict, path: Path) -> None:
     dets = [d for d in LABELS if any(d in res["models"][m]["result"] for m in models)]
     fig = Figure(figsize=(2.2 * len(ATTACKS) + 1, 3.2))
     ax = fig.add_subplot()
-    groups = len(dets) * (len(models) + 1)
+    groups = len(dets) * len(models) + sum(d in PAPER for d in dets)
     width = 0.8 / groups
     x = np.arange(len(ATTACKS))
-    colours = {"kd_pu": "tab:orange", "lid": "tab:green", "mahalanobis": "tab:blue", "subnet": "tab:red"}
+    colours = {"kd_pu": "tab:orange", "lid": "tab:green", "mahalanobis": "tab:blue", "subnet": "tab:red",
+               "cdrp": "tab:purple"}
     j = 0
     for d in dets:
         for m in models:
@@ -332,9 +350,10 @@ def plot_auroc(res: dict, path: Path) -> None:
             ax.bar(x + j * width, vals, width, color=colours[d], alpha=1.0 if m == models[0] else 0.6,
                    label=f"{LABELS[d].split(' (')[0]} {m}")
             j += 1
-        ax.bar(x + j * width, [PAPER[d][a] for a in ATTACKS], width, fill=False, edgecolor=colours[d],
-               label=f"{LABELS[d].split(' (')[0]} paper")
-        j += 1
+        if d in PAPER:
+            ax.bar(x + j * width, [PAPER[d][a] for a in ATTACKS], width, fill=False, edgecolor=colours[d],
+                   label=f"{LABELS[d].split(' (')[0]} paper")
+            j += 1
     ax.set_xticks(x + 0.4 - width / 2, [ATTACK_LABELS[a] for a in ATTACKS])
     ax.set_ylim(40, 100)
     ax.set_ylabel("AUROC %")
@@ -346,6 +365,11 @@ def plot_auroc(res: dict, path: Path) -> None:
 
 def _pct(v) -> str:
     return "–" if v is None else f"{100 * v:.2f}"
+
+
+def _paper(table: dict, d: str, a: str) -> str:
+    """The paper's AUROC (%) of detector ``d`` on attack ``a``; "–" where the paper has no such row."""
+    return f"{table[d][a]:.2f}" if d in table else "–"
 
 
 def _chosen(values) -> str:
@@ -374,9 +398,17 @@ DEVIATIONS = (
     "pixels (the reference divides by the normalisation std, the same step).",
     "Protocol: one split of the reference's block split on a fixed permutation (`runs` below); the unknown-attack "
     "half reuses the candidate (ε / k) and the regression chosen and fitted on FGSM.",
-    "Not included: the CDRP detectors of `reports/cdrp` as extra rows; \"Ours\" unless class subnetworks are given "
-    "(`--subnets`).",
+    "Not included: \"Ours\" unless class subnetworks are given (`--subnets`); the CDRP row unless asked for "
+    "(`--cdrp`); the DGR paper's own CDRP detectors (tree ensembles on real and targeted-adversarial CDRPs, "
+    "`reports/cdrp`), whose protocol differs from this one.",
 )
+CDRP_DEVIATION = (
+    "CDRP: not in the paper's Table 2. Each image's characteristic is its critical data routing path from DGR "
+    "(Wang et al., CVPR 2018; the paper's settings: 30 SGD steps, lr 0.1, momentum 0.9, gates clipped to [0, 10], "
+    "a fresh optimiser per image; L1 weight γ = 0.05), the flattened gates at every gate point; the clean, adversarial and "
+    "noisy images are routed alike. The DGR paper trains random forests, AdaBoost and gradient boosting on CDRPs "
+    "(`reports/cdrp`); here the CDRPs go through the protocol's logistic regression, so every row shares the "
+    "selection, split and classifier; one candidate, no hyper-parameter to choose.")
 SUBNET_DEVIATION = (
     "Ours: the class subnetworks given with `--subnets` (distilled as in `reports/subnets`, not by the paper's code), "
     "gates at the model's gate points (after every BN+ReLU and residual ReLU); class c's feature at each of the 4 "
@@ -405,7 +437,7 @@ def report(res: dict) -> str:
                   "|---|" + "---:|" * len(ATTACKS)]
         for d in dets:
             lines.append(f"| {LABELS[d]} | " + " | ".join(
-                f"{_pct(r[d].get(a))} / {PAPER[d][a]:.2f}" for a in ATTACKS) + " |")
+                f"{_pct(r[d].get(a))} / {_paper(PAPER, d, a)}" for a in ATTACKS) + " |")
         if res["models"][m].get("clean_only"):
             co = res["models"][m]["clean_only"]
             lines += ["", "Diagnostic, not in the paper: Mahalanobis with the clean images in place of the noisy "
@@ -425,7 +457,7 @@ def report(res: dict) -> str:
                   "| detector | " + " | ".join(ATTACK_LABELS[a] for a in unk) + " |", "|---|" + "---:|" * len(unk)]
         for d in dets:
             lines.append(f"| {LABELS[d]} | " + " | ".join(
-                f"{_pct(r['unknown'].get(d, {}).get(a))} / {PAPER_UNKNOWN[d][a]:.2f}" for a in unk) + " |")
+                f"{_pct(r['unknown'].get(d, {}).get(a))} / {_paper(PAPER_UNKNOWN, d, a)}" for a in unk) + " |")
         if r.get("runs", 1) > 1:
             lines += ["", f"Mean of {r['runs']} reshuffles; std (known attack, %): " + "; ".join(
                 f"{LABELS[d]} " + " / ".join(_pct(r[f'{d}_std'][a]) for a in ATTACKS) for d in dets)]
@@ -458,7 +490,9 @@ def report(res: dict) -> str:
         lines += [("Yes" if t["met"] else "No") + f": {t['auroc']:.4f} (target ≥ {t['target']}; the paper: "
                   "0.9992). The gap to the paper: " + gap_text(res), ""]
     ours = any("subnet" in res["models"][m]["result"] for m in models)
-    lines += ["## Deviations from the paper", ""] + [f"- {d}" for d in DEVIATIONS + ((SUBNET_DEVIATION,) if ours else ())] + [
+    cdrp = any("cdrp" in res["models"][m]["result"] for m in models)
+    extra = ((SUBNET_DEVIATION,) if ours else ()) + ((CDRP_DEVIATION,) if cdrp else ())
+    lines += ["## Deviations from the paper", ""] + [f"- {d}" for d in DEVIATIONS + extra] + [
         "", f"Settings: LID rule `{cfg['lid_rule']}`, {cfg['pu_passes']} stochastic passes, {cfg['runs']} split(s), "
         f"seed {cfg['seed']}; {res['n_test']} test and {res['n_train']} training images.", "",
         "![AUROC per detector and attack; outlined bars: the paper](auroc.png)", ""]
@@ -496,6 +530,8 @@ def main(argv=None) -> int:
     p.add_argument("--train-limit", type=int, default=None, help="first N training images (default: all 50,000)")
     p.add_argument("--subnets", default=None, help="class subnetworks: adds the subnet Mahalanobis detector (Ours); "
                    "per model the first of DIR/<model>/subnets, DIR/<model>, DIR holding subnets.npz")
+    p.add_argument("--cdrp", action="store_true", help="adds the CDRP row: DGR routing paths as the characteristic "
+                   "(30 forward/backward passes per image: slow on a CPU); reuses the cached attacks")
     p.add_argument("--lid-rule", choices=("self", "all"), default=d.lid_rule)
     p.add_argument("--pu-passes", type=int, default=d.pu_passes)
     p.add_argument("--runs", type=int, default=d.runs)
@@ -507,7 +543,7 @@ def main(argv=None) -> int:
     return configure_and_run(p, lambda: with_subnets_found(Config(
         models_dir=str(Path(args.models_dir).resolve()), data=str(Path(args.data).resolve()),
         models=comma_list(args.models), limit=args.limit or None, train_limit=args.train_limit,
-        subnets=str(Path(args.subnets).resolve()) if args.subnets else None,
+        subnets=str(Path(args.subnets).resolve()) if args.subnets else None, cdrp=args.cdrp,
         lid_rule=args.lid_rule, pu_passes=args.pu_passes, runs=args.runs, batch_size=args.batch_size,
         seed=args.seed)), run, args.out)
 

@@ -11,19 +11,24 @@ from experiments.feature_detectors import ATTACKS, PAPER, Config, command, main,
 def test_config_validates_every_field():
     assert Config().detectors == ("kd_pu", "lid", "mahalanobis")
     assert Config(subnets="runs/subnets").detectors[-1] == "subnet"
+    assert Config(cdrp=True).detectors == ("kd_pu", "lid", "mahalanobis", "cdrp")
     for kw, msg in (({"models": ("resnet56",)}, "models"), ({"models": ("resnet20", "resnet20")}, "models"),
                     ({"models": ()}, "models"), ({"limit": 39}, "limit"), ({"train_limit": 0}, "train_limit"),
                     ({"limit": 1.5}, "limit"), ({"pu_passes": 1}, "pu_passes"), ({"runs": 0}, "runs"),
-                    ({"batch_size": True}, "batch_size"), ({"seed": -1}, "seed"), ({"lid_rule": "first"}, "lid_rule")):
+                    ({"batch_size": True}, "batch_size"), ({"seed": -1}, "seed"), ({"lid_rule": "first"}, "lid_rule"),
+                    ({"cdrp": 1}, "cdrp")):
         with pytest.raises(ValueError, match=msg):
             Config(**kw)
     # the model list does not decide the cache: adding a model resumes the others'
     assert "models" not in Config().cache_key()
     assert Config(models=("resnet20",)).cache_key() == Config(models=("resnet20", "resnet32")).cache_key()
+    # nor does the CDRP row: adding --cdrp reuses the cached attacks and features
+    assert Config(cdrp=True).cache_key() == Config().cache_key()
 
 
 def test_cli_errors_before_any_work(tmp_path, capsys):
-    for argv, msg in ((["--models", "vgg16"], "models"), (["--limit", "39"], "limit")):
+    for argv, msg in ((["--models", "vgg16"], "models"), (["--limit", "39"], "limit"),
+                      (["--cdrp", "--limit", "39"], "limit")):
         with pytest.raises(SystemExit) as e:
             main(argv + ["--out", str(tmp_path / "o")])
         assert e.value.code == 2 and msg in capsys.readouterr().err
@@ -138,3 +143,27 @@ def test_feature_detectors_end_to_end(shared, tmp_path):
     assert again["models"]["resnet20"]["result"] == r
     with pytest.raises(ValueError, match="other arguments"):
         run(Config(**{**cfg.__dict__, "pu_passes": 3}), tmp_path / "det", log=lambda m: None)
+
+
+def test_cdrp_row_in_both_tables(tmp_path):
+    """With the cdrp detector's results (--cdrp) the report has a CDRP row in the known- and unknown-attack
+    tables with "–" for the paper (which has no such row) and states how it differs from the DGR paper's
+    detector; without them the row is left out and the report says so."""
+    res = _result(0.97)
+    r = res["models"]["resnet20"]["result"]
+    plain = report(res)
+    assert "| CDRP" not in plain and "the CDRP row unless asked for (`--cdrp`)" in plain
+    assert "- CDRP: not in the paper's Table 2" not in plain
+    r["cdrp"] = {a: 0.75 for a in ATTACKS}
+    r["cdrp_std"] = {a: 0.0 for a in ATTACKS}
+    r["unknown"]["cdrp"] = {a: 0.65 for a in ATTACKS[1:]}
+    r["chosen"] = {"cdrp": {a: ["-"] for a in ATTACKS}}
+    res["config"]["cdrp"] = True
+    res["command"] = command(Config(limit=200, train_limit=1000, cdrp=True), "reports/detectors")
+    text = report(res)
+    assert "| CDRP (DGR routing paths) | 75.00 / – | 75.00 / – | 75.00 / – | 75.00 / – |" in text
+    assert "| CDRP (DGR routing paths) | 65.00 / – | 65.00 / – | 65.00 / – |" in text
+    assert "- CDRP: not in the paper's Table 2" in text and "logistic regression" in text
+    assert "--cdrp" in res["command"]
+    plot_auroc(res, tmp_path / "auroc.png")
+    assert (tmp_path / "auroc.png").stat().st_size > 1000

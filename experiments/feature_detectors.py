@@ -30,7 +30,9 @@ both tables when class subnetworks are given: ``--subnets DIR`` with, for
 each model, the first of ``DIR/<model>/subnets``, ``DIR/<model>`` and ``DIR``
 that holds a ``subnets.npz`` (so the subnetwork experiment's ``OUT/cache``
 serves every model, and a ``jaxroute subnet`` folder one model).  Without
-``--subnets`` the row is left out.
+``--subnets`` the row is left out, and so it is for a model whose
+subnetworks ``DIR`` does not hold (the report says which); a ``DIR`` that
+serves none of the models is an error.
 
 "CDRP" (``--cdrp``) is a further row of both tables, which the paper does
 not have: the DGR routing path of each image (Wang et al., CVPR 2018; the
@@ -155,10 +157,23 @@ def subnets_dir(root: str, model: str) -> Path:
     raise ValueError(f"subnets: no {SUBNETS_FILE} for {model} in {', '.join(map(str, candidates))}")
 
 
-def with_subnets_found(cfg: Config) -> Config:
-    """``cfg``, after checking that ``--subnets`` holds a ``subnets.npz`` for every model (a ValueError if not)."""
+def found_subnets(cfg: Config) -> dict[str, Path]:
+    """``{model: folder}`` of the models whose subnetworks ``--subnets`` holds; a model without them gets
+    no "Ours" row (the report says so), and a ``--subnets`` that serves none of the models is an error."""
+    found, missing = {}, []
     for m in cfg.models if cfg.subnets else ():
-        subnets_dir(cfg.subnets, m)
+        try:
+            found[m] = subnets_dir(cfg.subnets, m)
+        except ValueError as e:
+            missing.append(str(e))
+    if cfg.subnets and not found:
+        raise ValueError("; ".join(missing))
+    return found
+
+
+def with_subnets_found(cfg: Config) -> Config:
+    """``cfg``, after checking that ``--subnets`` serves at least one model (a ValueError if not)."""
+    found_subnets(cfg)
     return cfg
 
 
@@ -211,17 +226,20 @@ def run(cfg: Config, out: Path, log=print) -> dict:
     log(f"data: {len(test.labels)} test, {len(train.labels)} training images ({time.perf_counter() - t:.0f} s)")
     res: dict = {"config": dataclasses.asdict(cfg), "run": run_label(cfg), "n_test": int(len(test.labels)),
                  "n_train": int(len(train.labels)), "command": command(cfg, str(out)), "models": {}}
-    models, gates = {}, {}
+    models, gates, folders = {}, {}, found_subnets(cfg)
     for name in cfg.models:   # every model and its subnetworks checked before any model's work
         models[name] = load_model(name, Path(cfg.models_dir) / MODELS[name])
         check_dataset_fits(models[name], test)
-        if cfg.subnets:
-            gates[name] = subnet_gates(subnets_dir(cfg.subnets, name), models[name])
+        if name in folders:
+            gates[name] = subnet_gates(folders[name], models[name])
+        elif cfg.subnets:
+            log(f"{name}: no {SUBNETS_FILE} under {cfg.subnets}; no Ours row for it")
     for name, model in models.items():
         weights = Path(cfg.models_dir) / MODELS[name]
         t = time.perf_counter()
         result = run_detection(
-            model, test, train, out=cache / name, attacks=ATTACKS, detectors=cfg.detectors,
+            model, test, train, out=cache / name, attacks=ATTACKS,
+            detectors=[d for d in cfg.detectors if d != "subnet" or name in gates],
             lid=LIDConfig(drop_first=cfg.lid_rule), kd_pu=KDPUConfig(passes=cfg.pu_passes), subnets=gates.get(name),
             runs=cfg.runs, batch_size=cfg.batch_size, seed=cfg.seed,
             job={"weights": str(weights), "data": cfg.data},
@@ -452,6 +470,9 @@ def report(res: dict) -> str:
                 + ", ".join(f"{ATTACK_LABELS[a]} {_pct(lo['known'][a])}" for a in ATTACKS) + "; fitted on FGSM: "
                 + ", ".join(f"{ATTACK_LABELS[a]} {_pct(lo['unknown'][a])}" for a in ATTACKS if a in lo["unknown"])
                 + "."]
+        if cfg.get("subnets") and "subnet" not in r:
+            lines += ["", f"Ours: no class subnetworks of {m} were given (no `{SUBNETS_FILE}` for it under "
+                      "`--subnets`), so its row is left out."]
         unk = [a for a in ATTACKS if a != "fgsm"]
         lines += ["", "### Unknown attack: fitted on FGSM", "",
                   "| detector | " + " | ".join(ATTACK_LABELS[a] for a in unk) + " |", "|---|" + "---:|" * len(unk)]

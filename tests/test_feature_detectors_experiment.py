@@ -115,8 +115,16 @@ def test_ours_row_in_both_tables_with_subnets(tmp_path, capsys):
         (folder / "subnets.npz").write_bytes(b"")
     assert subnets_dir(str(tmp_path / "cache"), "resnet20") == tmp_path / "cache" / "resnet20" / "subnets"
     assert subnets_dir(str(tmp_path / "one"), "resnet32") == tmp_path / "one"
+    # a model without subnetworks gets no Ours row; --subnets that serves no model is an error
+    from experiments.feature_detectors import Config, found_subnets
+
+    cfg = Config(models=("resnet20", "resnet32"), subnets=str(tmp_path / "cache"))
+    assert found_subnets(cfg) == {"resnet20": tmp_path / "cache" / "resnet20" / "subnets"}
+    res["config"]["subnets"] = str(tmp_path / "cache")
+    del r["subnet"]
+    assert "Ours: no class subnetworks of resnet20 were given" in report(res)
     with pytest.raises(SystemExit) as e:
-        main(["--subnets", str(tmp_path / "cache"), "--models", "resnet20,resnet32", "--out", str(tmp_path / "o")])
+        main(["--subnets", str(tmp_path / "cache"), "--models", "resnet32", "--out", str(tmp_path / "o")])
     assert e.value.code == 2 and "no subnets.npz for resnet32" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxroute.routing.subnet import (SUBNETS, SubnetConfig, balanced_epoch, distill_subnets, distill_to_dir,
-                                     load_subnets, select_snapshot, subnet_auc)
+                                     load_subnets, select_snapshot, subnet_auc, subnet_loss)
 
 SMALL = SubnetConfig(epochs=2, batch_size=8)
 
@@ -23,10 +23,27 @@ def digits_train():
 
 @pytest.mark.parametrize("field,value", [("epochs", 0), ("lr", 0.0), ("gamma", -1.0), ("tau", 1.5),
                                          ("batch_size", 0), ("clip_max", -1.0), ("init", 11.0),
-                                         ("lr", float("nan")), ("epochs", 2.5), ("seed", True)])
+                                         ("lr", float("nan")), ("epochs", 2.5), ("seed", True),
+                                         ("bce_reduction", "batchmean")])
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
         SubnetConfig(**{field: value})
+
+
+def test_subnet_loss_mean_and_sum_against_a_float64_reference():
+    rng = np.random.default_rng(0)
+    logit, target = rng.normal(size=(2, 5)), rng.normal(size=(2, 5))
+    weight = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], np.float64)  # padding rows carry weight 0
+    gates = rng.uniform(0, 2, size=(2, 7))
+    p = 1 / (1 + np.exp(-target))
+    q = 1 / (1 + np.exp(-logit))
+    bce = -(p * np.log(q) + (1 - p) * np.log(1 - q))
+    l1 = 0.05 * np.abs(gates).sum(-1)
+    for reduction, ce in (("mean", (weight * bce).sum(-1) / weight.sum(-1)), ("sum", (weight * bce).sum(-1))):
+        total, got = subnet_loss(jnp.asarray(logit), jnp.asarray(target), jnp.asarray(weight), jnp.asarray(gates),
+                                 0.05, reduction)
+        np.testing.assert_allclose(got, ce, rtol=1e-6)
+        np.testing.assert_allclose(total, ce + l1, rtol=1e-6)
 
 
 def test_balanced_epoch_draws_all_positives_and_as_many_negatives():

@@ -12,7 +12,7 @@ def _config(args):
     from jaxroute.routing.subnet import SubnetConfig
 
     fields = {"gamma": args.gamma, "tau": args.tau, "epochs": args.epochs, "lr": args.lr,
-              "batch_size": args.batch_size, "seed": args.seed}
+              "batch_size": args.batch_size, "seed": args.seed, "bce_reduction": args.bce_reduction}
     return SubnetConfig(**{k: v for k, v in fields.items() if v is not None})
 
 
@@ -79,6 +79,8 @@ def add_parsers(sub) -> None:
     s.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default {d['lr']})")
     s.add_argument("--batch-size", type=int, default=None, help=f"images per class per step (default "
                                                                 f"{d['batch_size']})")
+    s.add_argument("--bce-reduction", choices=("mean", "sum"), default=None,
+                   help=f"the BCE over a batch: its mean (the paper's) or its sum (default {d['bce_reduction']})")
     s.add_argument("--seed", type=int, default=d["seed"], help="PRNG seed of the balanced sets (and of a randomly "
                                                                "initialised model)")
     s.add_argument("--json", action="store_true")

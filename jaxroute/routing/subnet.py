@@ -73,6 +73,7 @@ MANIFEST = "manifest.json"
 STATE = "state.npz"
 SUBNETS = "subnets.npz"
 FORMAT = "jaxroute-subnets-v1"
+BCE_REDUCTIONS = ("mean", "sum")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,8 +93,11 @@ class SubnetConfig:
     clip_min: float = 0.0
     clip_max: float = 10.0
     seed: int = 0
+    bce_reduction: str = "mean"   # "mean" over the batch (the paper's "mean BCE") or "sum"
 
     def __post_init__(self):
+        if self.bce_reduction not in BCE_REDUCTIONS:
+            raise ValueError(f"subnet bce_reduction must be one of {BCE_REDUCTIONS}, got {self.bce_reduction!r}")
         for name in ("epochs", "batch_size", "seed"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
@@ -141,15 +145,20 @@ class Subnets(NamedTuple):
 
 # --------------------------------------------------------------------------- pieces
 def subnet_loss(logit: jax.Array, target_logit: jax.Array, weight: jax.Array, gates: jax.Array,
-                gamma: float) -> tuple[jax.Array, jax.Array]:
-    """Eq. 3 for a batch of one class: (BCE mean + γ·||Λ||_1, BCE mean).
+                gamma: float, reduction: str = "mean") -> tuple[jax.Array, jax.Array]:
+    """Eq. 3 for a batch of one class: (BCE + γ·||Λ||_1, BCE), the BCE a mean over the
+    batch (``reduction="mean"``) or its sum (``"sum"``).
 
     ``logit``/``target_logit``/``weight`` are (..., B): the gated and the full
     network's logit of the class and a 0/1 weight (0 marks padding, left out of
-    the mean); ``gates`` (..., D).
+    the mean or sum); ``gates`` (..., D).
     """
     bce = optax.sigmoid_binary_cross_entropy(logit, jax.nn.sigmoid(target_logit))
-    ce = jnp.sum(weight * bce, -1) / jnp.maximum(jnp.sum(weight, -1), 1)
+    ce = jnp.sum(weight * bce, -1)
+    if reduction == "mean":
+        ce = ce / jnp.maximum(jnp.sum(weight, -1), 1)
+    elif reduction != "sum":
+        raise ValueError(f"reduction must be one of {BCE_REDUCTIONS}, got {reduction!r}")
     return ce + gamma * jnp.sum(jnp.abs(gates), -1), ce
 
 
@@ -223,7 +232,7 @@ def epoch_program(model, config: SubnetConfig) -> Callable:
 
     def ce_sum(g, x_idx, w, images, full_logits, classes):
         z = class_logits(g, x_idx, images, classes)
-        _, ce = subnet_loss(z, targets(full_logits, x_idx, classes), w, g, 0.0)
+        _, ce = subnet_loss(z, targets(full_logits, x_idx, classes), w, g, 0.0, config.bce_reduction)
         return ce.sum(), ce
 
     def fn(gates, opt_state, images, full_logits, idx, weight, classes):
@@ -253,7 +262,9 @@ def epoch_program(model, config: SubnetConfig) -> Callable:
 
         zero = jnp.zeros(gates.shape[0], gates.dtype)
         (bce_sum, count), _ = jax.lax.scan(evaluate, (zero, zero), batches)
-        snap_loss = bce_sum / jnp.maximum(count, 1) + config.gamma * jnp.sum(jnp.abs(g), -1)
+        # per image, times a full batch under "sum": the objective of one batch at these gates
+        per_batch = config.batch_size if config.bce_reduction == "sum" else 1
+        snap_loss = per_batch * bce_sum / jnp.maximum(count, 1) + config.gamma * jnp.sum(jnp.abs(g), -1)
         return g, state, snap_loss, train_loss
 
     return jax.jit(fn)

@@ -66,7 +66,7 @@ import numpy as np
 from jaxroute.analysis import (
     attack_correlations, centroid_distance, choose_pairs, class_paths_from, cluster_class, cluster_summary, dense,
     depth_trend, derangement, embed_layers, layer_clustering_scores, layer_correlations, neighbour_fraction,
-    path_stats, per_class_counts, wordnet_distances,
+    load_first_per_class, path_stats, wordnet_distances,
 )
 from jaxroute.analysis.plots import plot_clusters, plot_correlations, plot_embeddings, plot_layer_scores
 from jaxroute.detection import evaluate_protocol, scalar_aucs
@@ -266,7 +266,6 @@ def run(cfg: Config, out, log: Callable[[str], object] = print, tsne: bool = Tru
     import jax
 
     from jaxroute.attacks import BIMConfig, cached_attack_dataset
-    from jaxroute.data import load_dataset
     from jaxroute.weights import load_model
 
     t_start = time.perf_counter()
@@ -280,14 +279,10 @@ def run(cfg: Config, out, log: Callable[[str], object] = print, tsne: bool = Tru
 
     model = load_model("resnet20", cfg.weights)
     spec = model.spec
-    test = load_dataset(cfg.data, "test", limit=10 * cfg.test_per_class)
-    train = load_dataset(cfg.data, "train", limit=10 * cfg.train_per_class)
+    test = load_first_per_class(cfg.data, "test", cfg.test_per_class)
+    train = load_first_per_class(cfg.data, "train", cfg.train_per_class)
     names = list(test.class_names)
     k = len(names)
-    for what, ds, n in (("test", test, cfg.test_per_class), ("train", train, cfg.train_per_class)):
-        counts = per_class_counts(ds.labels, k)
-        if not np.all(counts == n):
-            raise ValueError(f"the {what} split gave {counts.tolist()} images per class, expected {n} each")
 
     dist, wnids, lch = wordnet_distances(cfg.wordnet, names)
     close, distant = choose_pairs(dist)

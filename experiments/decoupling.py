@@ -149,25 +149,11 @@ class AnalysisConfig:
 
 
 def analysis_sets(cfg: AnalysisConfig):
-    """(test set, training pool): the first N images per class of each full split.
+    """(test set, training pool): the first N images per class of each full split."""
+    from jaxroute.analysis import load_first_per_class
 
-    An ImageFolder's canonical order interleaves the classes, so that is its first 10 N
-    images (read alone); another source is read whole and the first N per class kept.
-    """
-    from jaxroute.analysis import first_per_class, per_class_counts
-    from jaxroute.data import as_dataset, load_dataset
-
-    sets = []
-    for split, n in (("test", cfg.test_per_class), ("train", cfg.train_per_class)):
-        ds = load_dataset(cfg.data, split, limit=10 * n)
-        k = len(ds.class_names)
-        if not np.all(per_class_counts(ds.labels, k) == n):
-            ds = load_dataset(cfg.data, split)
-            k = len(ds.class_names)
-            idx = first_per_class(ds.labels, n, k)
-            ds = as_dataset(ds.images[idx], ds.labels[idx], ds.class_names, name=f"{cfg.data}:{split}")
-        sets.append(ds)
-    return tuple(sets)
+    return (load_first_per_class(cfg.data, "test", cfg.test_per_class),
+            load_first_per_class(cfg.data, "train", cfg.train_per_class))
 
 
 def dgr_rows(path, cfg: AnalysisConfig) -> tuple[dict | None, str]:

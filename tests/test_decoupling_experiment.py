@@ -11,7 +11,7 @@ import pytest
 from test_decoupling_route import random_decoupled
 
 from experiments.decoupling import AnalysisConfig, analyse, analysis_lines, dgr_rows
-from jaxroute.analysis import embed_paths, first_per_class, layer_fractions
+from jaxroute.analysis import embed_paths, first_per_class, layer_fractions, load_first_per_class
 from jaxroute.attacks import BIMConfig, cached_attack_dataset
 from jaxroute.decoupling.model import calculation_paths, dataset_paths
 from jaxroute.models.gates import GateSpec, flatten_gates
@@ -26,6 +26,19 @@ def test_first_per_class_keeps_the_original_order():
         first_per_class(labels, 4, 3)
     with pytest.raises(ValueError, match="integer >= 1"):
         first_per_class(labels, 0, 3)
+
+
+def test_load_first_per_class_reads_the_first_n_of_each_class():
+    from jaxroute.data import load_dataset
+
+    whole = load_dataset("digits", "test")
+    got = load_first_per_class("digits", "test", 3)  # digits' order does not interleave exactly: read whole
+    idx = first_per_class(whole.labels, 3, 10)
+    np.testing.assert_array_equal(got.labels, whole.labels[idx])
+    np.testing.assert_array_equal(got.images, whole.images[idx])
+    assert tuple(got.class_names) == tuple(whole.class_names)
+    with pytest.raises(ValueError, match="integer >= 1"):
+        load_first_per_class("digits", "test", 0)
 
 
 def test_layer_fractions_per_layer():

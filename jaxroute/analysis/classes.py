@@ -40,3 +40,23 @@ def first_per_class(labels, n: int, k: int) -> np.ndarray:
     for c in range(k):
         rank[labels == c] = np.arange(counts[c])
     return np.flatnonzero(rank < n)
+
+
+def load_first_per_class(spec: str, split: str, n: int):
+    """The first ``n`` images of each class of a data set's split, as a Dataset (the analyses' fixed sets).
+
+    An ImageFolder's canonical order interleaves the classes, so that is its first
+    ``K·n`` images, read alone; another source is read whole and the first ``n`` of
+    each class kept (a class with fewer is a ValueError naming the counts).
+    """
+    from jaxroute.data import as_dataset, load_dataset
+
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"images per class must be an integer >= 1, got {n!r}")
+    k = len(load_dataset(spec, split, limit=1).class_names)
+    ds = load_dataset(spec, split, limit=k * n)
+    if np.all(per_class_counts(ds.labels, k) == n):
+        return ds
+    ds = load_dataset(spec, split)
+    idx = first_per_class(ds.labels, n, k)
+    return as_dataset(np.asarray(ds.images)[idx], np.asarray(ds.labels)[idx], ds.class_names, name=f"{spec}:{split}")

@@ -163,6 +163,12 @@ def test_lid_matches_cdist_loop(rule):
     # 61 images in batches of 30: the single last image joins the second batch (31 images)
     c61, a61 = lid_features([clean[0][:61]], [[adv[0][:61]]], cfg)
     np.testing.assert_allclose(c61[30:, 0, 1], _reference_mle_batch(clean[0][30:61], clean[0][30:61], 20), rtol=1e-5)
+    # 62 images: a last batch of two (k would be 1: one distance over itself, no estimate) joins as well
+    c62, a62 = lid_features([clean[0][:62]], [[adv[0][:62]]], cfg)
+    assert np.isfinite(c62).all() and np.isfinite(a62).all()
+    np.testing.assert_allclose(c62[30:, 0, 1], _reference_mle_batch(clean[0][30:62], clean[0][30:62], 20), rtol=1e-5)
+    with pytest.raises(ValueError, match="at least 3 images"):
+        lid_features([clean[0][:2]], [], cfg)
 
 
 def test_kernel_density_matches_sklearn():

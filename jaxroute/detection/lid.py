@@ -19,8 +19,10 @@ count.  The reference code drops the first neighbour of every query
 reproduces that; the default ``drop_first="self"`` drops it only for clean
 queries (Ma et al.'s definition).  Reports state which rule they used.
 When a batch has fewer than k + 1 images, k shrinks to len(batch) − 1, as
-in the reference code; a last mini-batch of a single image (which has no
-neighbour) joins the one before it.
+in the reference code; a last mini-batch of fewer than three images joins
+the one before it (with one or two images k would shrink to 0 or 1, and the
+ratio of a single neighbour distance to itself gives no estimate: the
+reference code returns inf there).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ import numpy as np
 
 LID_KS = tuple(range(10, 100, 10))
 DROP_RULES = ("self", "all")
+MIN_BATCH = 3  # images in a mini-batch: k <= len - 1 must be >= 2 for the MLE to be defined
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +51,8 @@ class LIDConfig:
         if not ks or any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 for k in ks):
             raise ValueError(f"LID ks must be a non-empty list of integers >= 1, got {ks!r}")
         object.__setattr__(self, "ks", tuple(int(k) for k in ks))
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 2:
-            raise ValueError(f"LID batch_size must be an integer >= 2, got {self.batch_size!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < MIN_BATCH:
+            raise ValueError(f"LID batch_size must be an integer >= {MIN_BATCH}, got {self.batch_size!r}")
         if self.drop_first not in DROP_RULES:
             raise ValueError(f"LID drop_first must be one of {DROP_RULES}, got {self.drop_first!r}")
 
@@ -86,11 +89,11 @@ def lid_features(clean: Sequence, others: Sequence[Sequence] = (), config: LIDCo
     dropped = config.drop_first == "all"
     fn = jax.jit(lid_mle, static_argnums=(2, 3))
     outs = [np.zeros((n, len(clean), len(config.ks)), np.float32) for _ in range(1 + len(others))]
-    if n < 2:
-        raise ValueError(f"LID needs at least 2 images, got {n}")
+    if n < MIN_BATCH:
+        raise ValueError(f"LID needs at least {MIN_BATCH} images, got {n}")
     bounds = list(range(0, n, config.batch_size)) + [n]
-    if len(bounds) > 2 and n - bounds[-2] < 2:
-        del bounds[-2]        # a last mini-batch of one image has no neighbour: it joins the previous one
+    if len(bounds) > 2 and n - bounds[-2] < MIN_BATCH:
+        del bounds[-2]        # too small a last mini-batch for an estimate: it joins the previous one
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         for li in range(len(clean)):
             ref = clean[li][lo:hi]

@@ -355,7 +355,7 @@ def test_dissect_model_keyed_by_layer_and_data(tmp_path, tiny_resnet):
                          reuse_thresholds=True)
     np.testing.assert_array_equal(np.load(out / "layer3.2" / "fgsm-eps0.0112-reused" / "quantile.npy"), t3)
     assert adv["layer3.2"]["units"] == 64
-    with pytest.raises(ValueError, match="unknown layer 'layer9'"):
+    with pytest.raises(ValueError, match="unknown gate point 'layer9'"):
         dissect_to_dir(tiny_resnet, b, ["layer9"], out, model_desc=desc, config=cfg)
 
 

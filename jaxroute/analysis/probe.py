@@ -45,8 +45,7 @@ def check_adversarial_set(adv: dict, model) -> dict:
 
 def responses(model, images, *, point: str, reduce: str = "max", batch_size: int = 128) -> dict[str, np.ndarray]:
     """Per image: every neuron's response (N, D), the flattened features at ``point`` and the logits."""
-    if point not in model.spec.names:
-        raise ValueError(f"unknown gate point {point!r}; the model's gate points: {list(model.spec.names)}")
+    model.spec.check_points(point)
     check_reduce(reduce)
 
     @jax.jit
@@ -106,8 +105,7 @@ def probe(model, real, adv: dict, corr, *, train=None, point: str | None = None,
     if corr.shape != (k, k):
         raise ValueError(f"the class correlation is {corr.shape}, the model has {k} classes")
     point = model.spec.names[-1] if point is None else point
-    if point not in model.spec.names:
-        raise ValueError(f"unknown gate point {point!r}; the model's gate points: {list(model.spec.names)}")
+    model.spec.check_points(point)
     rr = responses(model, real.images, point=point, reduce=reduce, batch_size=batch_size)
     ra = responses(model, adv["images"], point=point, reduce=reduce, batch_size=batch_size)
     y, ya, ta = np.asarray(real.labels), np.asarray(adv["labels"]), np.asarray(adv["target"])

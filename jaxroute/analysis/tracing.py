@@ -44,8 +44,7 @@ def prediction_difference(model, x: jax.Array, point: str, corr, *, chunk: int |
     ``chunk`` channels are removed per vmapped pass (default all at once; a
     smaller value bounds memory at C forward passes per image).
     """
-    if point not in model.spec.names:
-        raise ValueError(f"unknown gate point {point!r}; the model's gate points: {list(model.spec.names)}")
+    model.spec.check_points(point)
     c = dict(model.spec)[point]
     corr = _check_corr(corr, model.num_classes)
     p0 = jax.nn.softmax(model.logits(x), axis=-1)

@@ -2,10 +2,9 @@
 (network dissection of gate points, clean and under FGSM)."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from jaxroute.cli.common import add_data_args, add_model_args, check_new_output, data_for, log, model_from_args
+from jaxroute.cli.common import add_data_args, add_model_args, check_new_output, log, model_from_args
 
 VEHICLE = ("airplane", "automobile", "ship", "truck")  # the CIFAR-10 classes under WordNet "vehicle"
 DEFAULT_COLOR_TABLE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "color-names" / "w2color.npy"

@@ -66,8 +66,8 @@ def cmd_probe(args):
         raise ValueError(f"--top-frac must be in (0, 1], got {args.top_frac}")
     out = check_writable_dir(args.out)
     model = model_from_args(args, need_weights=True)
-    if args.point is not None and args.point not in model.spec.names:
-        raise ValueError(f"unknown gate point {args.point!r}; the model's gate points: {list(model.spec.names)}")
+    if args.point is not None:
+        model.spec.check_points(args.point)
     real = data_for(model, args)
     corr = _class_correlation(args, real.class_names)
     adv = _load_adv(args.adv, model, args.limit)
@@ -154,8 +154,7 @@ def cmd_trace(args):
         raise ValueError(f"--threshold must be a finite PD, got {args.threshold}")
     out = check_writable_dir(args.out)
     model = model_from_args(args, need_weights=True)
-    if args.point not in model.spec.names:
-        raise ValueError(f"unknown gate point {args.point!r}; the model's gate points: {list(model.spec.names)}")
+    model.spec.check_points(args.point)
     c = dict(model.spec)[args.point]
     if not 1 <= args.top <= c:
         raise ValueError(f"--top must be in [1, {c}] for {args.point}, got {args.top}")

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.special import logsumexp
 
-from jaxroute.detection.features import check_points, last_stage_points
+from jaxroute.detection.features import last_stage_points
 from jaxroute.utils.devices import map_batches
 
 CIFAR10_BANDWIDTH = 0.26
@@ -126,7 +126,7 @@ def random_gate_fn(model, key: jax.Array, keep: float, points: Sequence[str]):
 def mc_probabilities(model, x: jax.Array, key: jax.Array, *, passes: int = 50, keep: float = 0.5,
                      points: Sequence[str] | None = None) -> jax.Array:
     """(T, B, K) softmax outputs of T passes with random gates at ``points`` (default: the last stage)."""
-    points = last_stage_points(model) if points is None else check_points(model, points)
+    points = last_stage_points(model) if points is None else model.spec.check_points(points)
     keys = jax.random.split(key, passes)
     return jax.vmap(lambda k: jax.nn.softmax(model.logits(x, random_gate_fn(model, k, keep, points)), -1))(keys)
 

@@ -55,16 +55,6 @@ def last_stage_points(model) -> tuple[str, ...]:
     return tuple(n for n in names if n.startswith(prefix))
 
 
-def check_points(model, points: Sequence[str]) -> tuple[str, ...]:
-    points = tuple(points)
-    if not points:
-        raise ValueError("need at least one gate point to read features from")
-    unknown = [p for p in points if p not in model.spec.names]
-    if unknown:
-        raise ValueError(f"unknown gate point(s) {unknown}; the model's gate points: {list(model.spec.names)}")
-    return points
-
-
 def pool(a: jax.Array) -> jax.Array:
     """Spatial mean of an activation (B, ..., C) -> (B, C) (identity for (B, C))."""
     return a.mean(axis=tuple(range(1, a.ndim - 1))) if a.ndim > 2 else a
@@ -120,7 +110,7 @@ def feature_fn(model, points: Sequence[str], *, class_gates=None, by_label: bool
     the class statistics of Wang et al.'s Eq. 5, where μ̂_c is the mean of
     f_c over class c's training images.
     """
-    points = check_points(model, points)
+    points = model.spec.check_points(points)
     if by_label:
         if class_gates is None or callable(class_gates):
             raise ValueError("by_label needs class gates with a leading class axis (a (K, D) array or a tree)")

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxroute.detection.features import check_points, class_gated_features, pool
+from jaxroute.detection.features import class_gated_features, pool
 from jaxroute.detection.gaussian import ClassGaussians, fit_class_gaussians, mahalanobis, paired_mahalanobis
 from jaxroute.utils.devices import map_batches
 
@@ -196,7 +196,7 @@ class MahalanobisScorer:
 
     def __init__(self, model, points: Sequence[str], config: MahalanobisConfig = MahalanobisConfig(),
                  batch_size: int = 100):
-        self.model, self.points, self.config = model, check_points(model, points), config
+        self.model, self.points, self.config = model, model.spec.check_points(points), config
         self.batch_size = int(batch_size)
         self.gaussians: list[ClassGaussians] | None = None
         # one jitted function for every fit: the Gaussians are arguments, the kept channels static

@@ -145,19 +145,9 @@ def as_maps(a: jax.Array) -> jax.Array:
     return a[:, None, None, :] if a.ndim == 2 else a
 
 
-def check_layers(model, layers: Sequence[str]) -> tuple[str, ...]:
-    layers = tuple(layers)
-    if not layers:
-        raise ValueError("give at least one layer (gate point) to dissect")
-    unknown = [l for l in layers if l not in model.spec.names]
-    if unknown:
-        raise ValueError(f"unknown layer {unknown[0]!r} for {model.name}; its gate points: {list(model.spec.names)}")
-    return layers
-
-
 def activation_fn(model, layers: Sequence[str], transform: Callable | None = None) -> Callable:
     """Jitted ``x -> {layer: (B, h, w, U) maps}`` at the given gate points, after ``transform(x)`` if given."""
-    layers = check_layers(model, layers)
+    layers = model.spec.check_points(layers)
 
     @jax.jit
     def acts(x):
@@ -456,7 +446,7 @@ def dissect(model, broden: Broden, layers: Sequence[str], config: DissectConfig 
     threshold and tally passes each apply it.  ``thresholds``: {layer: (U,)}
     to reuse (e.g. clean thresholds for adversarial images); None recomputes.
     """
-    layers = check_layers(model, layers)
+    layers = model.spec.check_points(layers)
     ih, iw = broden.image_shape()
     if (ih, iw, 3) != tuple(model.input_shape):
         raise ValueError(f"concept images are {ih}x{iw}x3, {model.name} takes {model.input_shape}")

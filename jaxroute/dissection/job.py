@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from jaxroute.dissection.broden import Broden
-from jaxroute.dissection.dissect import DissectConfig, LayerResult, check_layers, dissect, tally_csv
+from jaxroute.dissection.dissect import DissectConfig, LayerResult, dissect, tally_csv
 from jaxroute.utils.cache import check_cache_config
 from jaxroute.utils.io import atomic_save_npz, atomic_write_json, atomic_write_text, atomic_write_with
 
@@ -72,7 +72,7 @@ def dissect_to_dir(model, broden: Broden, layers: Sequence[str], out, *, model_d
     (computed first if the clean result is not there yet).  Returns
     ``{layer: summary}``.
     """
-    layers = check_layers(model, layers)
+    layers = model.spec.check_points(layers)
     if attack != "none" and (eps is None or not 0 < eps <= 1):  # also refuses NaN and inf
         raise ValueError(f"attack {attack!r} needs eps in (0, 1] pixels, got {eps!r}")
     out = Path(out)

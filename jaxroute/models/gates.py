@@ -48,6 +48,16 @@ class GateSpec:
     def __len__(self) -> int:
         return len(self.names)
 
+    def check_points(self, points) -> tuple[str, ...]:
+        """``points`` (one name or several) as a tuple, each checked to be one of these gate points."""
+        points = (points,) if isinstance(points, str) else tuple(points)
+        if not points:
+            raise ValueError("need at least one gate point")
+        unknown = [p for p in points if p not in self.names]
+        if unknown:
+            raise ValueError(f"unknown gate point {unknown[0]!r}; the model's gate points: {list(self.names)}")
+        return points
+
     def __iter__(self) -> Iterator[tuple[str, int]]:
         return iter(zip(self.names, self.channels))
 

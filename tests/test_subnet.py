@@ -170,7 +170,7 @@ def test_cli_subnet(digits_ckpt, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_pretrained_resnet20_subnets_keep_their_auc(resnet20, cifar10_jpeg):
-    """Real subnetworks of the pretrained CIFAR-10 ResNet-20, paper defaults, 500 training images per class:
+    """Real subnetworks of the pretrained CIFAR-10 ResNet-20, library defaults, 500 training images per class:
     each class's subnetwork keeps its one-vs-rest AUC within 2 points, sparsity <= tau or flagged."""
     from jaxroute.data import load_dataset
 

@@ -76,11 +76,11 @@ def add_parsers(sub) -> None:
                         f"(default {d['tau']})")
     s.add_argument("--epochs", type=int, default=None, help=f"epochs over each class's balanced set "
                                                             f"(default {d['epochs']})")
-    s.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default {d['lr']})")
+    s.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default {d['lr']}; the paper: 0.1)")
     s.add_argument("--batch-size", type=int, default=None, help=f"images per class per step (default "
                                                                 f"{d['batch_size']})")
     s.add_argument("--bce-reduction", choices=("mean", "sum"), default=None,
-                   help=f"the BCE over a batch: its mean (the paper's) or its sum (default {d['bce_reduction']})")
+                   help=f"BCE over a batch: sum or mean (the paper: mean; default {d['bce_reduction']})")
     s.add_argument("--seed", type=int, default=d["seed"], help="PRNG seed of the balanced sets (and of a randomly "
                                                                "initialised model)")
     s.add_argument("--json", action="store_true")

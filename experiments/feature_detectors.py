@@ -180,8 +180,8 @@ def with_subnets_found(cfg: Config) -> Config:
 def run_label(cfg: Config) -> str:
     test = "full test set (10,000 images)" if cfg.limit is None else f"first {cfg.limit} test images (--limit {cfg.limit})"
     train = ("all 50,000 training images" if cfg.train_limit is None
-             else f"first {cfg.train_limit} training images (--train-limit {cfg.train_limit})")
-    return f"{test}; class statistics from the {train}"
+             else f"the first {cfg.train_limit} training images (--train-limit {cfg.train_limit})")
+    return f"{test}; class statistics from {train}"
 
 
 def command(cfg: Config, out: str) -> str:
@@ -356,14 +356,16 @@ def plot_auroc(res: dict, path: Path) -> None:
     dets = [d for d in LABELS if any(d in res["models"][m]["result"] for m in models)]
     fig = Figure(figsize=(2.2 * len(ATTACKS) + 1, 3.2))
     ax = fig.add_subplot()
-    groups = len(dets) * len(models) + sum(d in PAPER for d in dets)
+    # a model without a detector's row (Ours needs its subnetworks) has no bar for it
+    pairs = {d: [m for m in models if d in res["models"][m]["result"]] for d in dets}
+    groups = sum(len(v) for v in pairs.values()) + sum(d in PAPER for d in dets)
     width = 0.8 / groups
     x = np.arange(len(ATTACKS))
     colours = {"kd_pu": "tab:orange", "lid": "tab:green", "mahalanobis": "tab:blue", "subnet": "tab:red",
                "cdrp": "tab:purple"}
     j = 0
     for d in dets:
-        for m in models:
+        for m in pairs[d]:
             vals = [100 * res["models"][m]["result"][d][a] for a in ATTACKS]
             ax.bar(x + j * width, vals, width, color=colours[d], alpha=1.0 if m == models[0] else 0.6,
                    label=f"{LABELS[d].split(' (')[0]} {m}")
@@ -373,7 +375,7 @@ def plot_auroc(res: dict, path: Path) -> None:
                    label=f"{LABELS[d].split(' (')[0]} paper")
             j += 1
     ax.set_xticks(x + 0.4 - width / 2, [ATTACK_LABELS[a] for a in ATTACKS])
-    ax.set_ylim(40, 100)
+    ax.set_ylim(0, 100)
     ax.set_ylabel("AUROC %")
     ax.legend(fontsize=6, ncol=len(dets), loc="lower left")
     fig.tight_layout()
@@ -428,7 +430,7 @@ CDRP_DEVIATION = (
     "(`reports/cdrp`); here the CDRPs go through the protocol's logistic regression, so every row shares the "
     "selection, split and classifier; one candidate, no hyper-parameter to choose.")
 SUBNET_DEVIATION = (
-    "Ours: the class subnetworks given with `--subnets` (distilled as in `reports/subnets`, not by the paper's code), "
+    "Ours: the class subnetworks given with `--subnets` (distilled by `jaxroute subnet`, whose manifest beside `subnets.npz` records the settings; not by the paper's code), "
     "gates at the model's gate points (after every BN+ReLU and residual ReLU); class c's feature at each of the 4 "
     "layers is read through class c's subnetwork, the class means from class c's training images through their own "
     "subnetwork, one tied covariance; Lee et al.'s input pre-processing (the paper: \"as in Lee et al.\") with the "
@@ -564,7 +566,7 @@ def main(argv=None) -> int:
     return configure_and_run(p, lambda: with_subnets_found(Config(
         models_dir=str(Path(args.models_dir).resolve()), data=str(Path(args.data).resolve()),
         models=comma_list(args.models), limit=args.limit or None, train_limit=args.train_limit,
-        subnets=str(Path(args.subnets).resolve()) if args.subnets else None, cdrp=args.cdrp,
+        subnets=args.subnets, cdrp=args.cdrp,
         lid_rule=args.lid_rule, pu_passes=args.pu_passes, runs=args.runs, batch_size=args.batch_size,
         seed=args.seed)), run, args.out)
 

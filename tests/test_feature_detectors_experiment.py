@@ -109,6 +109,10 @@ def test_ours_row_in_both_tables_with_subnets(tmp_path, capsys):
     assert "| Mahalanobis ε | LID k | Ours ε |" in text and "| 0.002 | 20 | 0.0014 |" in text
     assert "- Ours: the class subnetworks given with `--subnets`" in text
     plot_auroc(res, tmp_path / "auroc.png")
+    both = _result(0.97, models=("resnet20", "resnet32"))   # Ours for one of two models: a bar for that one
+    both["models"]["resnet20"]["result"] = r
+    plot_auroc(both, tmp_path / "auroc2.png")
+    assert "| Ours (subnet Mahalanobis) |" in report(both)
     # --subnets DIR: DIR/<model>/subnets (the subnetwork experiment's cache), DIR/<model>, then DIR itself
     for folder in (tmp_path / "cache" / "resnet20" / "subnets", tmp_path / "one"):
         folder.mkdir(parents=True)

@@ -128,6 +128,7 @@ COMMAND_STRING_CASES: dict[tuple[str, str], list[str]] = {
     ("adv-detect", "lid_k"): ["a", "0", "1.5", ""],
     ("adv-detect", "attacks"): ["nope", "fgsm,nope", ""],
     ("adv-detect", "detectors"): ["nope", ""],
+    ("adv-detect", "cdrp_classifier"): ["nope", "logistic,adaboost", ""],
 }
 # Arguments a value needs to be read at all (e.g. --prune-frac belongs to awr/aar).
 CONTEXT: dict[tuple[str, str], list[str]] = {

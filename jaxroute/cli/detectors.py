@@ -62,9 +62,10 @@ def cmd_adv_detect(args):
     lcfg = LIDConfig(drop_first=args.lid_rule,
                      **({"ks": _ints(args.lid_k, "--lid-k")} if args.lid_k is not None and "lid" in detectors else {}))
     kcfg = KDPUConfig(bandwidth=args.bandwidth, passes=args.pu_passes) if "kd_pu" in detectors else None
-    dcfg = DGRConfig(**{k: v for k, v in (("steps", args.dgr_steps), ("gamma", args.dgr_gamma)) if v is not None}
-                     ) if "cdrp" in detectors else None
-    _names(args.cdrp_classifier, CDRP_CLASSIFIERS, "cdrp classifier")
+    # checked whether or not cdrp runs: a bad value is an error, not silently unused
+    dcfg = DGRConfig(**{k: v for k, v in (("steps", args.dgr_steps), ("gamma", args.dgr_gamma)) if v is not None})
+    if args.cdrp_classifier not in CDRP_CLASSIFIERS:
+        raise ValueError(f"unknown cdrp classifier {args.cdrp_classifier!r}; choose from {', '.join(CDRP_CLASSIFIERS)}")
     if "subnet" in detectors:
         from jaxroute.routing.subnet import load_subnets
 
@@ -84,7 +85,7 @@ def cmd_adv_detect(args):
                         train.class_names, train.name)
     result = run_detection(
         model, test, train, out=out, attacks=attacks, detectors=detectors, mahalanobis=mcfg, lid=lcfg, kd_pu=kcfg,
-        subnets=gates, dgr=dcfg, cdrp_classifier=args.cdrp_classifier, runs=args.runs, batch_size=args.batch_size,
+        subnets=gates, dgr=dcfg if "cdrp" in detectors else None, cdrp_classifier=args.cdrp_classifier, runs=args.runs, batch_size=args.batch_size,
         seed=args.seed,
         job={"weights": str(args.weights or ""), "data": args.data},
         train_job={"split": args.train_split, "limit": args.train_limit},

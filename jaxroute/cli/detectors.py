@@ -38,7 +38,7 @@ def cmd_adv_detect(args):
 
     from jaxroute.detection.density import KDPUConfig
     from jaxroute.detection.job import (
-        ATTACK_NAMES, CDRP_CLASSIFIERS, DETECTORS, format_table, run_detection, subnet_gates,
+        ATTACK_NAMES, CDRP_CLASSIFIERS, DETECTORS, check_names, format_table, run_detection, subnet_gates,
     )
     from jaxroute.detection.lid import LIDConfig
     from jaxroute.detection.mahalanobis import MahalanobisConfig
@@ -64,8 +64,7 @@ def cmd_adv_detect(args):
     kcfg = KDPUConfig(bandwidth=args.bandwidth, passes=args.pu_passes) if "kd_pu" in detectors else None
     # checked whether or not cdrp runs: a bad value is an error, not silently unused
     dcfg = DGRConfig(**{k: v for k, v in (("steps", args.dgr_steps), ("gamma", args.dgr_gamma)) if v is not None})
-    if args.cdrp_classifier not in CDRP_CLASSIFIERS:
-        raise ValueError(f"unknown cdrp classifier {args.cdrp_classifier!r}; choose from {', '.join(CDRP_CLASSIFIERS)}")
+    check_names((args.cdrp_classifier,), CDRP_CLASSIFIERS, "cdrp classifier")
     if "subnet" in detectors:
         from jaxroute.routing.subnet import load_subnets
 

@@ -77,6 +77,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments.common import comma_list
+from jaxroute.utils.checks import check_int
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -130,8 +131,7 @@ class AnalysisConfig:
 
         for f in ("test_per_class", "train_per_class", "attack_steps", "batch_size", "pca_dims"):
             v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{f} must be an integer >= 1, got {v!r}")
+            check_int(v, f"{f}")
         object.__setattr__(self, "sizes", tuple(self.sizes))
         object.__setattr__(self, "classifiers", tuple(self.classifiers))
         check_protocol(self.sizes, self.runs, self.classifiers, self.seed)

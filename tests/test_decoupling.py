@@ -285,10 +285,11 @@ def test_gathered_forward_equals_masked_dense_logits():
     from jaxroute.models.gated import GatedModel
     from jaxroute.models.meta import default_meta
     from jaxroute.models.resnet_cifar import CifarResNet
+    from jaxroute.models.registry import init_model
 
     # a decoupled CIFAR ResNet-8 (one block per stage: the ResNet-20 code path, a third of the compile)
     module = CifarResNet(depth=8, gate_placement="decouple")
-    variables = jax.device_get(jax.jit(module.init)(jax.random.key(4), jnp.zeros((1, 32, 32, 3))))
+    variables = jax.device_get(init_model(module, jax.random.key(4), (32, 32, 3)))
     model = _random_controllers(GatedModel(module, variables, default_meta("resnet20", gate_placement="decouple")))
     x = jnp.asarray(np.random.default_rng(0).uniform(size=(6, 32, 32, 3)).astype(np.float32))
     z = calculation_paths(model, x)

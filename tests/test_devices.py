@@ -36,7 +36,7 @@ def test_map_batches_padding_repeats_the_last_real_row():
 def test_map_batches_bad_input():
     with pytest.raises(ValueError, match="differ in length"):
         map_batches(lambda i, a, b: a, (np.zeros(3), np.zeros(4)), 2)
-    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
         map_batches(lambda i, a: a, (np.zeros(3),), 0)
     with pytest.raises(ValueError, match="at least one array"):
         map_batches(lambda i, a: a, (None,), 2)

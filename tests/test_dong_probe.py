@@ -216,8 +216,9 @@ def test_pd_by_gates_equals_the_closed_form_and_a_silent_channel_has_pd_zero(dig
     closed = np.asarray(prediction_difference_linear_head(cap.features, linear_head_kernel(model), cap.logits, c))
     assert pd.shape == (6, 128) and pd.max() > 1e-4
     np.testing.assert_allclose(pd, closed, atol=1e-5)
-    # silent channel: nothing to remove (the gated pass may round differently from the ungated one)
-    assert pd.min() >= 0 and pd[:, 5].max() < 1e-10 and np.all(closed[:, 5] == 0)
+    # silent channel: nothing to remove (both forms compare two softmaxes of the same logits, which
+    # XLA may vectorise differently: rounding, not zero)
+    assert pd.min() >= 0 and pd[:, 5].max() < 1e-10 and np.abs(closed[:, 5]).max() < 1e-10
     np.testing.assert_allclose(prediction_difference(model, x, "conv3", c, chunk=50), pd, atol=1e-7)
     idx, vals, keep = top_neurons(jnp.asarray(pd), 2, threshold=float(np.median(pd.max(1))))
     assert idx.shape == (6, 2) and np.all(vals[:, 0] >= vals[:, 1]) and keep[:, 0].sum() >= 3

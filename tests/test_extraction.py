@@ -36,11 +36,11 @@ def test_plan_batches_rules():
 
 
 @pytest.mark.parametrize("kwargs, needle", [
-    ({"batch_size": 0}, "batch_size must be a positive integer"),
-    ({"batch_size": 2.0}, "batch_size must be a positive integer"),
-    ({"batch_size": True}, "batch_size must be a positive integer"),
-    ({"shard_size": 0}, "shard_size must be a positive integer"),
-    ({"devices": 0}, "devices must be a positive integer"),
+    ({"batch_size": 0}, "batch_size must be an integer >= 1"),
+    ({"batch_size": 2.0}, "batch_size must be an integer >= 1"),
+    ({"batch_size": True}, "batch_size must be an integer >= 1"),
+    ({"shard_size": 0}, "shard_size must be an integer >= 1"),
+    ({"devices": 0}, "devices must be an integer >= 1"),
     ({"n": 0}, "nothing to do"),
 ])
 def test_plan_batches_errors(kwargs, needle):

@@ -75,7 +75,7 @@ def test_bad_input(digits):
     kw = dict(n_train=2, n_test=2, key=jax.random.key(0), batch_size=2)
     with pytest.raises(ValueError, match="unknown saliency method"):
         localize(model, xtr, ytr, xte, yte, methods=["gradient", "lime"], **kw)
-    with pytest.raises(ValueError, match="n_train must be a positive int"):
+    with pytest.raises(ValueError, match="n_train must be an integer >= 1"):
         localize(model, xtr, ytr, xte, yte, methods=["gradient"], **{**kw, "n_train": 0})
     with pytest.raises(ValueError, match="subnets must have shape"):
         localize(model, xtr, ytr, xte, yte, methods=["gradient"], subnets=np.ones((10, 7)), **kw)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from jaxroute.utils.checks import check_int
+
 
 def per_class_counts(labels, k: int) -> np.ndarray:
     """(K,) number of images of each class 0..k-1 (0 for an absent class)."""
@@ -31,8 +33,7 @@ def first_per_class(labels, n: int, k: int) -> np.ndarray:
     fewer than ``n`` images is a ValueError naming the counts.
     """
     labels = np.asarray(labels)
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"images per class must be an integer >= 1, got {n!r}")
+    check_int(n, "images per class")
     counts = per_class_counts(labels, k)
     if len(counts) > k or np.any(counts < n):
         raise ValueError(f"need {n} images of each of {k} classes, the labels hold {counts.tolist()} per class")
@@ -51,8 +52,7 @@ def load_first_per_class(spec: str, split: str, n: int):
     """
     from jaxroute.data import as_dataset, load_dataset
 
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"images per class must be an integer >= 1, got {n!r}")
+    check_int(n, "images per class")
     k = len(load_dataset(spec, split, limit=1).class_names)
     ds = load_dataset(spec, split, limit=k * n)
     if np.all(per_class_counts(ds.labels, k) == n):

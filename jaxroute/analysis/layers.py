@@ -18,6 +18,7 @@ from sklearn.manifold import TSNE
 from sklearn.neighbors import NearestNeighbors
 
 from jaxroute.models.gates import GateSpec
+from jaxroute.utils.checks import check_int
 
 
 def split_layers(cdrp: np.ndarray, spec: GateSpec) -> dict[str, np.ndarray]:
@@ -95,8 +96,7 @@ def embed_paths(paths: np.ndarray, *, pca_dims: int = 300, seed: int = 0) -> np.
     x = np.asarray(paths, np.float64)
     if x.ndim != 2 or len(x) < 3:
         raise ValueError(f"paths must be an (N, D) matrix with N >= 3, got shape {x.shape}")
-    if isinstance(pca_dims, bool) or not isinstance(pca_dims, (int, np.integer)) or pca_dims < 1:
-        raise ValueError(f"pca_dims must be an integer >= 1, got {pca_dims!r}")
+    check_int(pca_dims, "pca_dims")
     if not np.ptp(x, axis=0).any():
         # one path for every input: one point (t-SNE's PCA start would divide by a zero spread)
         return np.zeros((len(x), 2))

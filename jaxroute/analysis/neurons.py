@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxroute.utils.checks import check_int
+
 REDUCTIONS = ("max", "mean")
 
 
@@ -158,8 +160,7 @@ def binned_curve(x, y, bins: int = 10, lo: float | None = None, hi: float | None
     Returns (edges (bins+1,), means (bins,), counts (bins,)); an empty bin's mean is NaN.
     """
     x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
-    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
-        raise ValueError(f"bins must be an integer >= 1, got {bins!r}")
+    check_int(bins, "bins")
     lo = x.min() if lo is None else lo
     hi = x.max() if hi is None else hi
     edges = jnp.linspace(lo, hi, bins + 1)

@@ -23,6 +23,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from jaxroute.utils.checks import check_int
+
 
 def _check(feats, labels, num_classes):
     feats = np.asarray(feats, np.float64)
@@ -36,8 +38,7 @@ def _check(feats, labels, num_classes):
 
 
 def _check_chunk(chunk):
-    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
-        raise ValueError(f"chunk must be an integer >= 1, got {chunk!r}")
+    check_int(chunk, "chunk")
 
 
 def _distances(a, b, b_sq):

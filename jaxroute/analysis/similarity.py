@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from jaxroute.utils.checks import check_int
+
 ALTERNATIVES = ("two-sided", "greater", "less")
 
 
@@ -62,10 +64,8 @@ def mantel(a, b, *, permutations: int = 9999, seed: int = 0, alternative: str = 
     a, b = _check_matrix(a, "a"), _check_matrix(b, "b")
     if a.shape != b.shape:
         raise ValueError(f"a and b must describe the same items, got shapes {a.shape} and {b.shape}")
-    if isinstance(permutations, bool) or not isinstance(permutations, (int, np.integer)) or permutations < 1:
-        raise ValueError(f"permutations must be an integer >= 1, got {permutations!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    check_int(permutations, "permutations")
+    check_int(seed, "seed", 0)
     if alternative not in ALTERNATIVES:
         raise ValueError(f"alternative must be one of {ALTERNATIVES}, got {alternative!r}")
     n = a.shape[0]

@@ -124,11 +124,6 @@ def check_nonnegative(value, name: str) -> None:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
-def check_int(value, name: str, minimum: int = 1) -> None:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
 def num_classes_of(logits_fn: LogitsFn, x: jax.Array) -> int:
     """Number of classes, from the logits' shape (traces the model once, computes nothing)."""
     out = jax.eval_shape(logits_fn, jax.ShapeDtypeStruct(x.shape, x.dtype))

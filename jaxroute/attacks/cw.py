@@ -55,9 +55,10 @@ import jax.numpy as jnp
 import optax
 
 from jaxroute.attacks.core import (
-    AttackResult, LogitsFn, bcast, check_int, check_nonnegative, check_positive, compaction_widths, finish,
-    per_sample, predict, prepare, resolve_config, step_live_rows,
+    AttackResult, LogitsFn, bcast, check_nonnegative, check_positive, compaction_widths, finish, per_sample, predict,
+    prepare, resolve_config, step_live_rows,
 )
+from jaxroute.utils.checks import check_int
 
 _BIG = 1e10
 

@@ -54,9 +54,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxroute.attacks.core import (
-    AttackResult, LogitsFn, bcast, check_int, check_nonnegative, compaction_widths, finish, prepare, resolve_config,
+    AttackResult, LogitsFn, bcast, check_nonnegative, compaction_widths, finish, prepare, resolve_config,
     step_live_rows,
 )
+from jaxroute.utils.checks import check_int
 
 
 @dataclasses.dataclass(frozen=True)

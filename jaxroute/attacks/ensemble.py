@@ -42,9 +42,10 @@ import jax.numpy as jnp
 import optax
 
 from jaxroute.attacks.core import (
-    AttackResult, LogitsFn, bcast, check_int, check_labels, check_nonnegative, check_positive, cross_entropy,
-    check_images, l2_norm, linf_norm, loop_friendly, num_classes_of, per_sample, resolve_config,
+    AttackResult, LogitsFn, bcast, check_labels, check_nonnegative, check_positive, cross_entropy, check_images,
+    l2_norm, linf_norm, loop_friendly, num_classes_of, per_sample, resolve_config,
 )
+from jaxroute.utils.checks import check_int
 
 
 @dataclasses.dataclass(frozen=True)

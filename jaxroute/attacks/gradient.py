@@ -19,9 +19,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxroute.attacks.core import (
-    AttackResult, LogitsFn, bcast, ce_grad, check_int, check_positive, cross_entropy, finish,
-    l2_norm, predict, prepare, resolve_config,
+    AttackResult, LogitsFn, bcast, ce_grad, check_positive, cross_entropy, finish, l2_norm, predict, prepare,
+    resolve_config,
 )
+from jaxroute.utils.checks import check_int
 
 
 def _labels(logits_fn, x, label, target):

@@ -14,6 +14,8 @@ from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+from jaxroute.utils.checks import check_int
+
 from .stored import StoredImages, read_rows, unit_float
 
 
@@ -86,7 +88,7 @@ class Dataset:
 
     def take(self, n: int) -> "Dataset":
         """The first ``n`` samples: the canonical order makes this a fair subset."""
-        n = check_limit(n, "n")
+        n = check_int(n, "n")
         return Dataset(self.images[:n], self.labels[:n], self.class_names, self.name, self.info)
 
 
@@ -94,13 +96,6 @@ def _is_lazy(images) -> bool:
     from .pipeline import StreamImages
 
     return isinstance(images, (StoredImages, StreamImages))
-
-
-def check_limit(limit, what: str = "limit") -> int:
-    """Validate a sample count; bool is rejected because ``True`` would silently mean 1."""
-    if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit <= 0:
-        raise ValueError(f"{what} must be a positive int or None, got {limit!r}")
-    return int(limit)
 
 
 def as_dataset(images, labels, class_names: Sequence[str] | None = None, name: str = "arrays") -> Dataset:
@@ -158,7 +153,7 @@ def num_batches(n: int, batch_size: int, drop_remainder: bool = False) -> int:
     """How many batches ``batches`` yields for ``n`` samples (before ``start``)."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    batch_size = check_limit(batch_size, "batch_size")
+    batch_size = check_int(batch_size, "batch_size")
     return n // batch_size if drop_remainder else math.ceil(n / batch_size)
 
 

@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxroute.utils.checks import check_int
+
 
 class PasteSet(NamedTuple):
     canvases: np.ndarray    # (n, Hc, Wc, C) float in [0, 1]
@@ -97,8 +99,7 @@ def paste_set(key: jax.Array, images, labels, n: int, canvas_size: int | tuple[i
     labels = np.asarray(labels)
     if images.ndim != 4 or labels.shape != (images.shape[0],):
         raise ValueError(f"need images (N, h, w, C) and labels (N,), got {images.shape} and {labels.shape}")
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"n (the number of canvases) must be a positive int, got {n!r}")
+    check_int(n, "n (the number of canvases)")
     if len(np.unique(labels)) < 2:
         raise ValueError("a paste set needs images of at least two classes (the mosaic is of other classes)")
     canvas_hw = (canvas_size, canvas_size) if np.isscalar(canvas_size) else tuple(canvas_size)

@@ -23,6 +23,8 @@ import dataclasses
 
 import numpy as np
 
+from jaxroute.utils.checks import check_int
+
 IMAGENET_RESIZE = 256  # shorter side before the 224 centre crop (torchvision reference evaluation)
 
 
@@ -36,9 +38,7 @@ class Preprocess:
 
     def __post_init__(self):
         for name in ("resize", "crop"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"Preprocess.{name} must be a positive int (pixels), got {v!r}")
+            check_int(getattr(self, name), f"Preprocess.{name} (pixels)")
         if self.crop > self.resize:
             raise ValueError(f"Preprocess.crop ({self.crop}) must be <= resize ({self.resize}): the crop is "
                              "taken from the resized image")

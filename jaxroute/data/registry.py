@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from jaxroute.utils.checks import check_int
 
 from .arrays import arrays_split_path, load_arrays_split
-from .core import Dataset, check_limit
+from .core import Dataset
 
 TFDS_PREFIX = "tfds:"
 SPEC_HELP = ("'digits' (scikit-learn 8x8 digits), 'tfds:NAME' (tfds syntax: 'mnist', 'cifar10:3.0.2', "
@@ -62,7 +63,7 @@ def load_dataset(spec: str, split: str = "test", limit: int | None = None, cache
     if not isinstance(split, str) or not split:
         raise ValueError(f"split must be a non-empty string, got {split!r}")
     if limit is not None:
-        limit = check_limit(limit)
+        limit = check_int(limit, "limit")
     if skip_bad and preprocess is None:
         raise ValueError("skip_bad needs preprocess: files are checked by the per-record decode pipeline")
     if data_dir is not None:

@@ -23,13 +23,14 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from jaxroute.utils.checks import check_int
+
 SEMHASH_MODES = ("half", "official")
 _KAIMING = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 
 def check_reduction(channels: int, reduction: int, where: str = "controller") -> None:
-    if isinstance(reduction, bool) or not isinstance(reduction, int) or reduction < 1:
-        raise ValueError(f"controller reduction γ must be an integer >= 1, got {reduction!r}")
+    check_int(reduction, "controller reduction γ")
     if channels % reduction:
         raise ValueError(f"{where}: input channels C = {channels} are not divisible by the reduction "
                          f"γ = {reduction} (C/γ hidden units); choose a γ that divides every C")

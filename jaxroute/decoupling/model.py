@@ -28,7 +28,8 @@ from jaxroute.decoupling.controller import SEMHASH_MODES
 from jaxroute.models.base import DECOUPLE_PLACEMENT
 from jaxroute.models.gated import GatedModel
 from jaxroute.models.gates import flatten_gates
-from jaxroute.models.registry import create_model
+from jaxroute.models.registry import create_model, init_model
+from jaxroute.utils.checks import check_int
 from jaxroute.utils.devices import map_batches
 from jaxroute.weights.checkpoint import check_tree
 from jaxroute.weights.loader import load_model
@@ -46,8 +47,7 @@ def check_decouple_model(name: str) -> None:
 def decouple_module(name: str, reduction: int = 4, semhash: str = "half", **overrides):
     """The Flax module of architecture ``name`` with controllers (``gate_placement="decouple"``)."""
     check_decouple_model(name)
-    if isinstance(reduction, bool) or not isinstance(reduction, int) or reduction < 1:
-        raise ValueError(f"controller reduction γ must be an integer >= 1, got {reduction!r}")
+    check_int(reduction, "controller reduction γ")
     if semhash not in SEMHASH_MODES:
         raise ValueError(f"semhash must be one of {SEMHASH_MODES}, got {semhash!r}")
     overrides = {**overrides, "gate_placement": DECOUPLE_PLACEMENT}
@@ -99,7 +99,7 @@ def decoupled_model(name: str | None = None, weights: str | os.PathLike | None =
         raise ValueError(f"{weights} is a decoupled model without its {DECOUPLE_FILE}; it cannot be restored")
     module = decouple_module(name, reduction, semhash, num_classes=plain.num_classes,
                              mean=plain.meta.mean, std=plain.meta.std)
-    fresh = jax.jit(module.init)(key, jnp.zeros((1, *plain.input_shape), jnp.float32))
+    fresh = init_model(module, key, plain.input_shape)
     backbone, controllers = split_controllers(fresh["params"])
     check_tree(backbone, plain.variables["params"], what=f"weights {weights}")
     params = unflatten_dict({**flatten_dict(dict(plain.variables["params"])), **flatten_dict(controllers)})

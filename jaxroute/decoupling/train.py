@@ -47,6 +47,7 @@ from jaxroute.data import Dataset
 from jaxroute.decoupling import losses
 from jaxroute.decoupling.model import controller_labels
 from jaxroute.training.train import augment
+from jaxroute.utils.checks import check_int
 
 TERMS = ("ce", "mi", "kl", "sparse")
 STATE_DIR = "train_state"
@@ -79,13 +80,9 @@ class DecoupleConfig:
 
     def __post_init__(self):
         for name in ("epochs", "batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+            check_int(getattr(self, name), name)
         for name in ("freeze_backbone_epochs", "pad_crop", "seed"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+            check_int(getattr(self, name), name, 0)
         if self.freeze_backbone_epochs > self.epochs:
             raise ValueError(f"freeze_backbone_epochs ({self.freeze_backbone_epochs}) exceeds epochs ({self.epochs})")
         if self.batch_size < 2:

@@ -35,6 +35,7 @@ import numpy as np
 from scipy.special import logsumexp
 
 from jaxroute.detection.features import last_stage_points
+from jaxroute.utils.checks import check_int
 from jaxroute.utils.devices import map_batches
 
 CIFAR10_BANDWIDTH = 0.26
@@ -57,8 +58,7 @@ class KDPUConfig:
             raise ValueError(f"KD+PU bandwidth must be > 0, got {self.bandwidth}")
         if not 0 < self.keep <= 1:
             raise ValueError(f"KD+PU keep must be in (0, 1], got {self.keep}")
-        if isinstance(self.passes, bool) or not isinstance(self.passes, int) or self.passes < 2:
-            raise ValueError(f"KD+PU passes must be an integer >= 2, got {self.passes!r}")
+        check_int(self.passes, "KD+PU passes", 2)
 
 
 class KernelDensity:

@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.linalg import solve_triangular
 
+from jaxroute.utils.checks import check_int
+
 COVARIANCES = ("tied", "per_class")
 SHRINKAGES = ("ledoit_wolf", "none")
 
@@ -112,8 +114,7 @@ def fit_class_gaussians(features, labels, num_classes: int, *, covariance: str =
         raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
     if shrinkage not in SHRINKAGES:
         raise ValueError(f"shrinkage must be one of {SHRINKAGES}, got {shrinkage!r}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
-        raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+    check_int(num_classes, "num_classes")
     num_classes = int(num_classes)
     x = np.asarray(features, np.float64)
     y = np.asarray(labels)

@@ -50,6 +50,8 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from jaxroute.utils.checks import check_int
+
 DETECTORS = ("kd_pu", "lid", "mahalanobis", "subnet", "cdrp")
 # the classifiers the cdrp detector may use in the protocol (the others use its logistic regression)
 CDRP_CLASSIFIERS = ("logistic", "random_forest", "adaboost", "gradient_boosting")
@@ -189,14 +191,9 @@ def cdrp_characteristics(model, images, config=None, batch_size: int = 100, prog
     """
     from jaxroute.utils.devices import map_batches
 
-    _check_int("batch_size", batch_size, 1)
+    check_int(batch_size, "batch_size", 1)
     fn = cdrp_program(model, config) if program is None else program
     return np.asarray(map_batches(fn, (np.asarray(images, np.float32),), batch_size))
-
-
-def _check_int(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 def run_detection(model, test, train, *, out, attacks: Sequence[str] = ATTACK_NAMES,
@@ -260,9 +257,9 @@ def run_detection(model, test, train, *, out, attacks: Sequence[str] = ATTACK_NA
 
     attacks = check_names(attacks, ATTACK_NAMES, "attack(s)")
     detectors = check_names(detectors, DETECTORS, "detector(s)")
-    _check_int("runs", runs, 1)
-    _check_int("batch_size", batch_size, 1)
-    _check_int("seed", seed, 0)
+    check_int(runs, "runs", 1)
+    check_int(batch_size, "batch_size", 1)
+    check_int(seed, "seed", 0)
     for name, cfg, cls in (("mahalanobis", mahalanobis, MahalanobisConfig), ("lid", lid, LIDConfig),
                            ("kd_pu", kd_pu, KDPUConfig), ("dgr", dgr, DGRConfig)):
         if cfg is not None and not isinstance(cfg, cls):

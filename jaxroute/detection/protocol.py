@@ -33,6 +33,8 @@ import numpy as np
 from sklearn.linear_model import LogisticRegressionCV
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from jaxroute.utils.checks import check_int
+
 
 def select(labels, clean_pred, noisy_pred, adv_pred) -> np.ndarray:
     """Boolean mask: clean-correct, noisy-correct and adversarial-wrong."""
@@ -178,8 +180,7 @@ def run_protocol(chars: Mapping[str, Mapping[str, Sequence]], *, runs: int = 1, 
     ``{"known": {attack: {...}}, "unknown": {attack: {...}}}`` with per-run
     AUROCs, their mean and (population) std, and the chosen candidates.
     """
-    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
-        raise ValueError(f"runs must be an integer >= 1, got {runs!r}")
+    check_int(runs, "runs")
     known_res: dict = {a: {"aurocs": [], "chosen": []} for a in chars}
     unknown_res: dict = {a: {"aurocs": [], "chosen": []} for a in chars if a != known} if known in chars else {}
 

@@ -57,6 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxroute.dissection.broden import Broden
+from jaxroute.utils.checks import check_int
 
 RULES = ("lite", "bau")
 COMPARES = (">", ">=")
@@ -88,8 +89,7 @@ class DissectConfig:
             raise ValueError(f"rules must be one of {RULES}, got {self.rules!r}")
         if self.compare is not None and self.compare not in COMPARES:
             raise ValueError(f"compare must be one of {COMPARES} or None, got {self.compare!r}")
-        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        check_int(self.batch_size, "batch_size")
 
     @property
     def comparison(self) -> str:

@@ -32,6 +32,7 @@ import numpy as np
 from jaxroute.data import Dataset
 from jaxroute.explain.methods import METHODS, NEEDS_KEY, method_config
 from jaxroute.extraction import BatchPlan, load_manifest, load_shards, run_extraction
+from jaxroute.utils.checks import check_int
 from jaxroute.utils.io import atomic_save_npz
 
 TARGET_RULES = ("label", "pred")
@@ -80,8 +81,7 @@ def explain_dataset(model, dataset: Dataset, out: str | os.PathLike, *, plan: Ba
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise ValueError(f"unknown saliency method(s) {unknown or methods}; one of {sorted(METHODS)}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    check_int(seed, "seed", 0)
     if target == "label" and dataset.labels is None:
         raise ValueError("--target label needs a labelled data set (use --target pred)")
     if subnets is not None and tuple(np.shape(subnets)) != (model.num_classes, model.spec.size):

@@ -42,13 +42,8 @@ from jaxroute.data.paste import paste_set
 from jaxroute.explain.job import explanation_outputs
 from jaxroute.explain.localization import evaluate_localization
 from jaxroute.explain.methods import METHODS, NEEDS_KEY, method_config
+from jaxroute.utils.checks import check_int
 from jaxroute.utils.devices import map_batches
-
-
-def _positive_int(name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-        raise ValueError(f"{name} must be a positive int, got {v!r}")
-    return int(v)
 
 
 def check_methods(methods) -> list[str]:
@@ -113,8 +108,8 @@ def localize(model, train_images, train_labels, test_images, test_labels, *, met
     mean fraction of a test map's mass inside the box.
     """
     methods = check_methods(methods)
-    n_train, n_test = _positive_int("n_train", n_train), _positive_int("n_test", n_test)
-    batch_size = _positive_int("batch_size", batch_size)
+    n_train, n_test = check_int(n_train, "n_train"), check_int(n_test, "n_test")
+    batch_size = check_int(batch_size, "batch_size")
     configs = dict(configs or {})
     unused = sorted(set(configs) - set(methods))
     if unused:

@@ -12,6 +12,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jaxroute.utils.checks import check_int
+
 
 @dataclasses.dataclass(frozen=True)
 class BatchPlan:
@@ -35,9 +37,8 @@ def plan_batches(n: int, batch_size: int, shard_size: int, devices: int | None =
     * The shard size is rounded up to a multiple of the global batch.
     """
     devices = jax.local_device_count() if devices is None else devices
-    for name, v in (("batch_size", batch_size), ("shard_size", shard_size), ("devices", devices)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    batch_size, shard_size, devices = (check_int(v, name) for name, v in
+                                       (("batch_size", batch_size), ("shard_size", shard_size), ("devices", devices)))
     if n < 1:
         raise ValueError(f"nothing to do: the data set has {n} samples")
     fill = -(-n // devices)

@@ -48,13 +48,13 @@ momentum 0.9, clip [0, 10]).  γ defaults to 0.05.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from jaxroute.routing.route import Route
+from jaxroute.utils.checks import check_finite, check_int
 from jaxroute.utils.conv_grads import loop_friendly
 
 
@@ -80,12 +80,9 @@ class DGRConfig:
     def __post_init__(self):
         if self.iterates not in ITERATE_RULES:
             raise ValueError(f"DGR iterates must be one of {ITERATE_RULES}, got {self.iterates!r}")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"DGR steps must be an integer >= 1, got {self.steps!r}")
+        check_int(self.steps, "DGR steps")
         for name in ("lr", "momentum", "gamma", "clip_min", "clip_max"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ValueError(f"DGR {name} must be a finite number, got {v!r}")
+            check_finite(getattr(self, name), f"DGR {name}")
         if not self.lr > 0:
             raise ValueError(f"DGR lr must be > 0, got {self.lr}")
         if not 0 <= self.momentum < 1:

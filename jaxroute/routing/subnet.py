@@ -73,7 +73,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -84,6 +83,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxroute.utils.checks import check_finite, check_int
 from jaxroute.utils.conv_grads import loop_friendly
 from jaxroute.utils.io import atomic_save_npz, atomic_write_json
 
@@ -117,20 +117,10 @@ class SubnetConfig:
     def __post_init__(self):
         if self.bce_reduction not in BCE_REDUCTIONS:
             raise ValueError(f"subnet bce_reduction must be one of {BCE_REDUCTIONS}, got {self.bce_reduction!r}")
-        for name in ("epochs", "batch_size", "seed"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-                raise ValueError(f"subnet {name} must be an integer, got {v!r}")
-        if self.epochs < 1:
-            raise ValueError(f"subnet epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise ValueError(f"subnet batch_size must be >= 1, got {self.batch_size}")
-        if self.seed < 0:
-            raise ValueError(f"subnet seed must be >= 0, got {self.seed}")
+        for name, low in (("epochs", 1), ("batch_size", 1), ("seed", 0)):
+            check_int(getattr(self, name), f"subnet {name}", low)
         for name in ("lr", "gamma", "tau", "init", "clip_min", "clip_max"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float, np.floating)) or not math.isfinite(v):
-                raise ValueError(f"subnet {name} must be a finite number, got {v!r}")
+            check_finite(getattr(self, name), f"subnet {name}")
         if not self.lr > 0:
             raise ValueError(f"subnet lr must be > 0, got {self.lr}")
         if self.gamma < 0:

@@ -86,6 +86,7 @@ import optax
 from jaxroute.attacks import BIMConfig, FGSMConfig, bim, fgsm
 from jaxroute.training import domain
 from jaxroute.training.train import TrainConfig, TrainState, create_train_state
+from jaxroute.utils.checks import check_int
 
 OBJECTIVES = ("dong", "xie")
 TARGETS = ("least_likely", "random")
@@ -160,9 +161,7 @@ class AdvTrainConfig:
         if not self.lr > 0 or not self.momentum < 1:
             raise ValueError(f"need lr > 0 and momentum < 1, got lr={self.lr}, momentum={self.momentum}")
         for name in ("steps", "epochs", "batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+            check_int(getattr(self, name), name)
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
         if self.coral_norm not in CORAL_NORMS:

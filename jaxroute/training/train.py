@@ -18,6 +18,7 @@ from flax import struct
 from flax.training import train_state
 
 from jaxroute.data import Dataset, batches
+from jaxroute.utils.checks import check_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,9 +36,7 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("epochs", "batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+            check_int(getattr(self, name), name)
         for name in ("lr", "momentum", "weight_decay", "label_smoothing"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
@@ -47,8 +46,7 @@ class TrainConfig:
                              f"momentum={self.momentum}, label_smoothing={self.label_smoothing}")
         for name in ("pad_crop", "seed"):  # numpy's generators take no negative seeds
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+            check_int(v, f"{name}", 0)
 
 
 class TrainState(train_state.TrainState):

@@ -19,6 +19,8 @@ from typing import Sequence
 
 import jax
 import numpy as np
+
+from jaxroute.utils.checks import check_int
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
@@ -86,8 +88,7 @@ def map_batches(fn, arrays: Sequence, batch_size: int):
     n = len(present[0])
     if any(len(a) != n for a in present):
         raise ValueError(f"arrays differ in length: {[len(a) for a in present]}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_int(batch_size, "batch_size")
     sharding = batch_sharding() if batch_size % jax.local_device_count() == 0 else None
     outs = []
     for i, lo in enumerate(range(0, n, batch_size)):

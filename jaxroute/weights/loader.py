@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from jaxroute.models.gated import GatedModel
 from jaxroute.models.meta import default_meta
-from jaxroute.models.registry import create_model, model_card
+from jaxroute.models.registry import create_model, init_model, model_card
 from jaxroute.weights.checkpoint import check_tree, read_meta, restore_variables
 from jaxroute.weights.torch_import import load_torch_state_dict, torch_to_flax
 
@@ -57,7 +57,7 @@ def load_model(name: str | None = None, weights: str | os.PathLike | None = None
     if weights is None:
         if key is None:
             raise ValueError("random initialisation needs an explicit PRNG key (key=jax.random.key(...))")
-        variables = jax.jit(module.init)(key, jnp.zeros((1, *meta.input_shape), jnp.float32))
+        variables = init_model(module, key, meta.input_shape)
         return GatedModel(module, jax.device_get(variables), meta)
     path = Path(weights)
     if not path.exists():

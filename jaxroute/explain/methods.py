@@ -49,7 +49,6 @@ Methods (``METHODS`` by name):
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Callable, Mapping, NamedTuple
 
 import jax
@@ -57,6 +56,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxroute.models.gates import check_gates
+from jaxroute.utils.checks import check_finite, check_int
+from jaxroute.utils.conv_grads import loop_friendly
 from jaxroute.utils.registry import registry_config
 
 
@@ -71,16 +72,6 @@ def saliency_map(attributions: jax.Array) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------- configs
-def _check_int(owner: str, name: str, v, lo: int) -> None:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-        raise ValueError(f"{owner} {name} must be an integer >= {lo}, got {v!r}")
-
-
-def _check_float(owner: str, name: str, v) -> None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ValueError(f"{owner} {name} must be a finite number, got {v!r}")
-
-
 @dataclasses.dataclass(frozen=True)
 class GradientConfig:
     """No hyper-parameters: ``gradient``, ``deconvnet`` and ``guided_backprop`` differ only in the ReLU rule."""
@@ -110,7 +101,8 @@ class GradCAMConfig:
 class IGConfig:
     """Integrated gradients: ``steps`` quadrature points (``rule`` ``"gausslegendre"``, Captum's
     default, or ``"riemann_trapezoid"``), from a constant ``baseline`` image (0.0: black);
-    ``batch_steps`` quadrature points evaluated at once (None: all; fewer bound memory)."""
+    ``batch_steps`` quadrature points evaluated at once (fewer bound memory; None: the backend's
+    choice, see :func:`points_at_once`)."""
 
     steps: int = 50
     rule: str = "gausslegendre"
@@ -118,12 +110,12 @@ class IGConfig:
     batch_steps: int | None = None
 
     def __post_init__(self):
-        _check_int("IG", "steps", self.steps, 1 if self.rule == "gausslegendre" else 2)
+        check_int(self.steps, "IG steps", 1 if self.rule == "gausslegendre" else 2)
         if self.rule not in ("gausslegendre", "riemann_trapezoid"):
             raise ValueError(f"IG rule must be 'gausslegendre' or 'riemann_trapezoid', got {self.rule!r}")
-        _check_float("IG", "baseline", self.baseline)
+        check_finite(self.baseline, "IG baseline")
         if self.batch_steps is not None:
-            _check_int("IG", "batch_steps", self.batch_steps, 1)
+            check_int(self.batch_steps, "IG batch_steps", 1)
 
     def nodes(self) -> tuple[np.ndarray, np.ndarray]:
         """Quadrature points ``a`` in [0, 1] and weights (Captum's ``approximation_parameters``)."""
@@ -139,7 +131,8 @@ class IGConfig:
 @dataclasses.dataclass(frozen=True)
 class SmoothGradConfig:
     """SmoothGrad: ``samples`` noisy copies, noise std ``sigma * value_range`` (the pixel range
-    is 1.0); ``batch_samples`` copies evaluated at once (None: all)."""
+    is 1.0); ``batch_samples`` copies evaluated at once (None: the backend's choice, see
+    :func:`points_at_once`)."""
 
     samples: int = 50
     sigma: float = 0.15
@@ -147,13 +140,13 @@ class SmoothGradConfig:
     batch_samples: int | None = None
 
     def __post_init__(self):
-        _check_int("SmoothGrad", "samples", self.samples, 1)
+        check_int(self.samples, "SmoothGrad samples", 1)
         for name in ("sigma", "value_range"):
-            _check_float("SmoothGrad", name, getattr(self, name))
+            check_finite(getattr(self, name), f"SmoothGrad {name}")
             if getattr(self, name) < 0:
                 raise ValueError(f"SmoothGrad {name} must be >= 0, got {getattr(self, name)}")
         if self.batch_samples is not None:
-            _check_int("SmoothGrad", "batch_samples", self.batch_samples, 1)
+            check_int(self.batch_samples, "SmoothGrad batch_samples", 1)
 
     @property
     def std(self) -> float:
@@ -172,17 +165,36 @@ def _check_target(model, x, target) -> jax.Array:
 def target_logit_grad(model, gates, x: jax.Array, target: jax.Array) -> jax.Array:
     """d logit_target / d x for every sample (B, H, W, C), through the model's own ReLU rule."""
     target = _check_target(model, x, target)
+    # XLA:CPU's fast convolution gradients (see jaxroute.utils.conv_grads): the steps of IG and
+    # SmoothGrad may run in a loop (batch_steps / batch_samples), where plain jax.grad is slow
+    logits_fn = loop_friendly(lambda x: model.logits(x, gates))
 
     def total(x):
-        logits = model.logits(x, gates)
-        return jnp.take_along_axis(logits, target[:, None], axis=1).sum()
+        return jnp.take_along_axis(logits_fn(x), target[:, None], axis=1).sum()
 
     return jax.grad(total)(x)
 
 
+def points_at_once(batch: int | None, n: int) -> int:
+    """How many of IG's ``n`` quadrature points (SmoothGrad's noisy copies) run at once: ``batch``,
+    or for None all ``n`` on accelerators and one at a time on the CPU backend.
+
+    Why one on CPU: XLA:CPU's convolutions run a (points x images) batch at a
+    lower rate per image than the image batch alone, and a loop over the points
+    with the loop-friendly convolution gradients (:mod:`jaxroute.utils.conv_grads`)
+    runs each point at the image batch's own rate (``python -m benchmarks.explain``
+    compares IG and SmoothGrad with Captum's, which expand the batch).
+    """
+    if batch is not None:
+        return min(batch, n)
+    return 1 if jax.default_backend() == "cpu" else n
+
+
 def _over_points(fn: Callable, points: jax.Array, batch: int | None) -> jax.Array:
-    """``stack([fn(p) for p in points])``: all points vmapped at once, or ``batch`` at a time."""
-    if batch is None or batch >= points.shape[0]:
+    """``stack([fn(p) for p in points])``: all points vmapped at once, or ``batch`` at a time
+    (:func:`points_at_once`)."""
+    batch = points_at_once(batch, points.shape[0])
+    if batch >= points.shape[0]:
         return jax.vmap(fn)(points)
     return jax.lax.map(fn, points, batch_size=batch)
 

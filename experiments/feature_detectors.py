@@ -69,6 +69,7 @@ import time
 from pathlib import Path
 
 from experiments.common import comma_list, configure_and_run
+from jaxroute.utils.checks import check_int
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MODELS = {"resnet20": "resnet20-12fca82f.th", "resnet32": "resnet32-d509ac18.th"}
@@ -112,9 +113,9 @@ class Config:
     # what the cached results depend on (the model list is not: adding a model resumes; nor are the
     # subnetworks: the detection job keys the subnet detector's files by a fingerprint of the gates,
     # so adding --subnets later reuses the attacks and the other detectors' features; nor is cdrp: its
-    # characteristics are files of their own, the attacks and features are shared)
-    CACHE_FIELDS = ("models_dir", "data", "limit", "train_limit", "lid_rule", "pu_passes", "runs",
-                    "batch_size", "seed")
+    # characteristics are files of their own, the attacks and features are shared; nor is runs: the
+    # reshuffled splits only refit the logistic regressions on the cached scores)
+    CACHE_FIELDS = ("models_dir", "data", "limit", "train_limit", "lid_rule", "pu_passes", "batch_size", "seed")
 
     def __post_init__(self):
         models = tuple(self.models)
@@ -124,10 +125,8 @@ class Config:
         for f in ("pu_passes", "runs", "batch_size"):
             v = getattr(self, f)
             low = 2 if f == "pu_passes" else 1
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"{f} must be an integer >= {low}, got {v!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+            check_int(v, f, low)
+        check_int(self.seed, "seed", 0)
         # the protocol needs 40 selected images (the detection job says so when fewer are selected)
         for f, low in (("limit", 40), ("train_limit", 10)):
             v = getattr(self, f)
@@ -261,7 +260,7 @@ def run(cfg: Config, out: Path, log=print) -> dict:
 
 def clean_only_aurocs(cache: Path, cfg: Config) -> dict:
     """Mahalanobis AUROC per attack with the clean images in place of the noisy twins (a diagnostic; cached
-    as ``mahalanobis-clean-only.json``).
+    as ``mahalanobis-clean-only-runs<R>.json``).
 
     The same cached characteristics, split and choice of ε as the table, but the label-0 noisy
     block is the clean block again: how much of the gap to 1 the noisy twins cause.
@@ -282,11 +281,12 @@ def clean_only_aurocs(cache: Path, cfg: Config) -> dict:
         res = run_protocol(chars, runs=cfg.runs, seed=cfg.seed, known="fgsm")
         return {a: v["mean"] for a, v in res["known"].items()}
 
-    return cached_json(Path(cache) / "mahalanobis-clean-only.json", compute)
+    return cached_json(Path(cache) / f"mahalanobis-clean-only-runs{cfg.runs}.json", compute)
 
 
 def other_lid_rule_aurocs(cache: Path, cfg: Config, log=print) -> dict:
-    """LID AUROC per attack under the other neighbour rule (a diagnostic; cached as ``lid-rule-<rule>.json``).
+    """LID AUROC per attack under the other neighbour rule (a diagnostic; cached as
+    ``lid-rule-<rule>-runs<R>.json``).
 
     An adversarial or noisy query's reference set is the clean mini-batch, which holds its own clean
     twin; the reference code's rule drops the first neighbour of every query, usually that twin, and
@@ -321,7 +321,7 @@ def other_lid_rule_aurocs(cache: Path, cfg: Config, log=print) -> dict:
         log(f"LID with rule {rule!r}: " + ", ".join(f"{a} {v:.4f}" for a, v in out["known"].items()))
         return out
 
-    return cached_json(Path(cache) / f"lid-rule-{rule}.json", compute)
+    return cached_json(Path(cache) / f"lid-rule-{rule}-runs{cfg.runs}.json", compute)
 
 
 def split_rows(n: int) -> dict:

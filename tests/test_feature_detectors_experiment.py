@@ -22,8 +22,9 @@ def test_config_validates_every_field():
     # the model list does not decide the cache: adding a model resumes the others'
     assert "models" not in Config().cache_key()
     assert Config(models=("resnet20",)).cache_key() == Config(models=("resnet20", "resnet32")).cache_key()
-    # nor does the CDRP row: adding --cdrp reuses the cached attacks and features
-    assert Config(cdrp=True).cache_key() == Config().cache_key()
+    # nor does the CDRP row: adding --cdrp reuses the cached attacks and features; nor --runs: more
+    # reshuffled splits refit the regressions on the cached scores
+    assert Config(cdrp=True).cache_key() == Config().cache_key() == Config(runs=5).cache_key()
 
 
 def test_cli_errors_before_any_work(tmp_path, capsys):
@@ -153,6 +154,12 @@ def test_feature_detectors_end_to_end(shared, tmp_path):
     assert json.loads((tmp_path / "det" / "detectors.json").read_text())["n_test"] == 200
     again = run(cfg, tmp_path / "det", log=lambda m: None)
     assert again["models"]["resnet20"]["result"] == r
+    cached = sorted((tmp_path / "det" / "cache").rglob("*.npz"))
+    stamps = [f.stat().st_mtime_ns for f in cached]
+    three = run(Config(**{**cfg.__dict__, "runs": 3}), tmp_path / "det", log=lambda m: None)
+    r3 = three["models"]["resnet20"]["result"]
+    assert r3["runs"] == 3 and all(0.0 <= r3[d][a] <= 1.0 for d in ("kd_pu", "lid", "mahalanobis") for a in ATTACKS)
+    assert [f.stat().st_mtime_ns for f in cached] == stamps   # attacks, features and scores reused
     with pytest.raises(ValueError, match="other arguments"):
         run(Config(**{**cfg.__dict__, "pu_passes": 3}), tmp_path / "det", log=lambda m: None)
 

@@ -17,7 +17,8 @@ def test_config_validates_every_field():
     assert Config(methods=("smoothgrad", "gradient")).methods == ("gradient", "smoothgrad")   # the table's order
     for kw, msg in (({"models": ("resnet56",)}, "models"), ({"models": ()}, "models"),
                     ({"methods": ("lrp",)}, "methods"), ({"methods": ("gradient", "gradient")}, "methods"),
-                    ({"seeds": 1}, "seeds"), ({"train_limit": 10}, "train_limit"), ({"test_limit": 1.5}, "test_limit"),
+                    ({"seeds": 1}, "seeds"), ({"train_limit": 10}, "train_limit"),
+                    ({"seed_train_limit": 0}, "seed_train_limit"), ({"test_limit": 1.5}, "test_limit"),
                     ({"grid_images": 11}, "grid_images"), ({"epochs": 0}, "epochs"), ({"subnet_batch": True},
                                                                                         "subnet_batch"),
                     ({"eps": 0.0}, "eps"), ({"eps": float("nan")}, "eps"), ({"embedding": "tsne"}, "embedding"),
@@ -36,11 +37,13 @@ def test_run_label_and_command_name_every_limit():
     assert run_label(quick).startswith("quick run (--train-limit 2000, --test-limit 500, --epochs 2, --methods gradient")
     assert command(quick, "r") == ("python -m experiments.subnets --out r --models resnet20 --train-limit 2000 "
                                    "--test-limit 500 --seeds 2 --epochs 2 --methods gradient")
+    every = Config(seed_train_limit=None)
+    assert "--seed-train-limit all" in run_label(every) and command(every, "r").endswith("--seed-train-limit all")
 
 
 def test_cli_errors_before_any_work(tmp_path, capsys):
     for argv, msg in ((["--models", "vgg16"], "models"), (["--seeds", "1"], "seeds"),
-                      (["--methods", "gradient,lrp"], "methods")):
+                      (["--methods", "gradient,lrp"], "methods"), (["--seed-train-limit", "many"], "'all'")):
         with pytest.raises(SystemExit) as e:
             main(argv + ["--out", str(tmp_path / "o")])
         assert e.value.code == 2 and msg in capsys.readouterr().err
@@ -96,8 +99,8 @@ def test_subnets_experiment_end_to_end_resumes_and_refuses_other_arguments(share
     README rendered again from the JSON."""
     cfg = Config(models_dir=str(shared_dir / "models/cifar10-resnet"), data=str(shared_dir / "data/cifar10-jpeg"),
                  wordnet=str(shared_dir / "data/wordnet"), models=("resnet20",), train_limit=200, test_limit=20,
-                 seeds=2, n_train_canvases=8, n_test_canvases=8, grid_images=2, epochs=1, subnet_batch=8,
-                 methods=("gradient",), embedding="pca", permutations=99)
+                 seeds=2, seed_train_limit=100, n_train_canvases=8, n_test_canvases=8, grid_images=2, epochs=1,
+                 subnet_batch=8, methods=("gradient",), embedding="pca", permutations=99)
     out = tmp_path / "subnets"
     res = run(cfg, out, log=lambda m: None)
     m = res["models"]["resnet20"]
@@ -111,6 +114,7 @@ def test_subnets_experiment_end_to_end_resumes_and_refuses_other_arguments(share
     assert np.asarray(t["matrix"]).shape == (10, 10) and sorted(t["leaf_order"]) == sorted(res["class_names"])
     assert t["pairs"] == 45 and -1 <= t["spearman_rho"] <= 1 and 0 < t["mantel_p"] <= 1
     assert m["seeds"]["n_seeds"] == 2 and len(m["seeds"]["sparsity_mean_per_seed"]) == 2
+    assert m["seeds"]["n_train"] == 100 and (out / "cache/resnet20/subnets_100_seed0/subnets.npz").is_file()
     assert -1 <= m["seeds"]["silhouette_by_class"] <= 1
     f = m["fig2"]
     assert f["n_images"] == 20 and f["feature_dim"] == 64 and f["n_selected"] >= 5

@@ -65,14 +65,15 @@ def cmd_adv_detect(args):
     # checked whether or not cdrp runs: a bad value is an error, not silently unused
     dcfg = DGRConfig(**{k: v for k, v in (("steps", args.dgr_steps), ("gamma", args.dgr_gamma)) if v is not None})
     check_names((args.cdrp_classifier,), CDRP_CLASSIFIERS, "cdrp classifier")
-    if "subnet" in detectors:
+    subnets = None
+    if "subnet" in detectors and args.subnets is not None:
         from jaxroute.routing.subnet import load_subnets
 
-        load_subnets(args.subnets)   # a folder without subnets.npz ends here, before the model is built
+        subnets = load_subnets(args.subnets)   # a folder without subnets.npz ends here, before the model is built
     out = check_writable_dir(args.out)
     model = model_from_args(args, need_weights=True)
-    # another model's subnetworks end here, before any data is loaded
-    gates = subnet_gates(args.subnets, model) if "subnet" in detectors else None
+    # no --subnets, or another model's subnetworks, end here, before any data is loaded
+    gates = subnet_gates(subnets, model) if "subnet" in detectors else None
     test = data_for(model, args)
     if test.labels is None:
         raise ValueError(f"data {test.name!r} has no labels; the protocol needs the true labels")

@@ -20,10 +20,15 @@ PyTorch: the reference code's ``sample_estimator`` and
 ``get_Mahalanobis_score`` transcribed (``pokaxpoka/deep_Mahalanobis_detector``,
 ``lib_generation.py``): for each ε, for each layer, for each batch of 100 a
 forward, a backward and a forward, the distances through
-``(f − μ) P (f − μ)ᵀ``'s diagonal as written there.  Both use every core
-(``torch.set_num_threads(os.cpu_count())``; XLA's CPU client uses all cores).
-The times are medians over ``--repeats`` after one warm-up (which compiles
-jaxroute's functions and warms oneDNN); the last line is one JSON object.
+``(f − μ) P (f − μ)ᵀ``'s diagonal as written there.  Both use the cores this
+process may run on (``os.sched_getaffinity``: all of them, or those ``taskset
+-c`` names): ``torch.set_num_threads`` of that count, and XLA's CPU client
+sizes its thread pool from the same affinity mask.
+The times are medians over ``--repeats`` after one warm-up: jaxroute's on
+every image (it compiles the jitted functions; the kept-channel set of the fit
+is a static argument, so the warm-up must see the same images), PyTorch's on
+the first batch (it has nothing to compile; one batch warms oneDNN's
+primitives for the one batch shape).  The last line is one JSON object.
 """
 from __future__ import annotations
 
@@ -145,8 +150,8 @@ def jax_runner(model):
     return run
 
 
-def timed(fn, repeats):
-    fn()                                                      # warm-up: compilation / oneDNN primitives
+def timed(fn, repeats, warm_up):
+    warm_up()                                                 # compilation / oneDNN primitives
     ts, out = [], None
     for _ in range(repeats):
         t = time.perf_counter()
@@ -173,7 +178,7 @@ def main(argv=None):
     from benchmarks import torch_dgr as td
     from jaxroute.weights.loader import load_model
 
-    threads = os.cpu_count() or 1
+    threads = len(os.sched_getaffinity(0))                    # all cores, or those taskset names
     torch.set_num_threads(threads)
     images, labels, source = load_image_pool(args.images)
     ckpt = CHECKPOINTS["resnet20"]
@@ -185,15 +190,17 @@ def main(argv=None):
 
     tmodel = td.build_model(20, flax_variables=flatten_variables(jax.device_get(model.variables)))
     images_t = td.to_torch_input(images)
-    print(f"CPU: {cpu_model()} ({threads} logical cores), {platform.platform()}")
+    print(f"CPU: {cpu_model()} ({os.cpu_count()} logical cores, {threads} available to this process), "
+          f"{platform.platform()}")
     print(f"JAX {jax.__version__} on {jax.devices()[0].platform} ({jax.local_device_count()} device(s)); "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{args.images} images ({source}); ResNet-20 {weights}; 4 layers x {len(EPSILONS)} eps; "
           f"{args.repeats} timed repeat(s)", flush=True)
 
     run_jax = jax_runner(model)
-    tj, sj = timed(lambda: run_jax(images, labels), args.repeats)
-    tt, st = timed(lambda: run_torch(tmodel, images_t, labels, td.IMAGENET_STD), args.repeats)
+    tj, sj = timed(lambda: run_jax(images, labels), args.repeats, warm_up=lambda: run_jax(images, labels))
+    tt, st = timed(lambda: run_torch(tmodel, images_t, labels, td.IMAGENET_STD), args.repeats,
+                   warm_up=lambda: run_torch(tmodel, images_t[:BATCH], labels[:BATCH], td.IMAGENET_STD))
     diff = float(np.max(np.abs(sj - st) / np.maximum(1.0, np.abs(st))))
     res = {"images": args.images, "cpu": cpu_model(), "threads": threads, "jax_s": tj, "torch_s": tt,
            "jax_median_s": median(tj), "torch_median_s": median(tt), "ratio": median(tt) / median(tj),

@@ -178,7 +178,8 @@ def main(argv=None):
     from benchmarks import torch_dgr as td
     from jaxroute.weights.loader import load_model
 
-    threads = len(os.sched_getaffinity(0))                    # all cores, or those taskset names
+    # all cores, or those taskset names (platforms without affinity masks: all cores)
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(threads)
     images, labels, source = load_image_pool(args.images)
     ckpt = CHECKPOINTS["resnet20"]

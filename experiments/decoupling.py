@@ -131,7 +131,7 @@ class AnalysisConfig:
 
         for f in ("test_per_class", "train_per_class", "attack_steps", "batch_size", "pca_dims"):
             v = getattr(self, f)
-            check_int(v, f"{f}")
+            check_int(v, f)
         object.__setattr__(self, "sizes", tuple(self.sizes))
         object.__setattr__(self, "classifiers", tuple(self.classifiers))
         check_protocol(self.sizes, self.runs, self.classifiers, self.seed)

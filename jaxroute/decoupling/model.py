@@ -47,7 +47,7 @@ def check_decouple_model(name: str) -> None:
 def decouple_module(name: str, reduction: int = 4, semhash: str = "half", **overrides):
     """The Flax module of architecture ``name`` with controllers (``gate_placement="decouple"``)."""
     check_decouple_model(name)
-    check_int(reduction, "controller reduction γ")
+    reduction = check_int(reduction, "controller reduction γ")   # a Python int for decouple.json
     if semhash not in SEMHASH_MODES:
         raise ValueError(f"semhash must be one of {SEMHASH_MODES}, got {semhash!r}")
     overrides = {**overrides, "gate_placement": DECOUPLE_PLACEMENT}

@@ -80,9 +80,9 @@ class DecoupleConfig:
 
     def __post_init__(self):
         for name in ("epochs", "batch_size"):
-            check_int(getattr(self, name), name)
+            object.__setattr__(self, name, check_int(getattr(self, name), name))   # Python ints for the manifests
         for name in ("freeze_backbone_epochs", "pad_crop", "seed"):
-            check_int(getattr(self, name), name, 0)
+            object.__setattr__(self, name, check_int(getattr(self, name), name, 0))
         if self.freeze_backbone_epochs > self.epochs:
             raise ValueError(f"freeze_backbone_epochs ({self.freeze_backbone_epochs}) exceeds epochs ({self.epochs})")
         if self.batch_size < 2:

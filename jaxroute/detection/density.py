@@ -58,7 +58,7 @@ class KDPUConfig:
             raise ValueError(f"KD+PU bandwidth must be > 0, got {self.bandwidth}")
         if not 0 < self.keep <= 1:
             raise ValueError(f"KD+PU keep must be in (0, 1], got {self.keep}")
-        check_int(self.passes, "KD+PU passes", 2)
+        object.__setattr__(self, "passes", check_int(self.passes, "KD+PU passes", 2))   # a Python int
 
 
 class KernelDensity:

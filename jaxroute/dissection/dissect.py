@@ -89,7 +89,7 @@ class DissectConfig:
             raise ValueError(f"rules must be one of {RULES}, got {self.rules!r}")
         if self.compare is not None and self.compare not in COMPARES:
             raise ValueError(f"compare must be one of {COMPARES} or None, got {self.compare!r}")
-        check_int(self.batch_size, "batch_size")
+        object.__setattr__(self, "batch_size", check_int(self.batch_size, "batch_size"))   # a Python int
 
     @property
     def comparison(self) -> str:

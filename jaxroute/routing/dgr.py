@@ -80,7 +80,7 @@ class DGRConfig:
     def __post_init__(self):
         if self.iterates not in ITERATE_RULES:
             raise ValueError(f"DGR iterates must be one of {ITERATE_RULES}, got {self.iterates!r}")
-        check_int(self.steps, "DGR steps")
+        object.__setattr__(self, "steps", check_int(self.steps, "DGR steps"))   # a Python int for the manifests
         for name in ("lr", "momentum", "gamma", "clip_min", "clip_max"):
             check_finite(getattr(self, name), f"DGR {name}")
         if not self.lr > 0:

@@ -118,7 +118,7 @@ class SubnetConfig:
         if self.bce_reduction not in BCE_REDUCTIONS:
             raise ValueError(f"subnet bce_reduction must be one of {BCE_REDUCTIONS}, got {self.bce_reduction!r}")
         for name, low in (("epochs", 1), ("batch_size", 1), ("seed", 0)):
-            check_int(getattr(self, name), f"subnet {name}", low)
+            object.__setattr__(self, name, check_int(getattr(self, name), f"subnet {name}", low))  # Python ints
         for name in ("lr", "gamma", "tau", "init", "clip_min", "clip_max"):
             check_finite(getattr(self, name), f"subnet {name}")
         if not self.lr > 0:

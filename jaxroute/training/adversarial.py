@@ -161,7 +161,7 @@ class AdvTrainConfig:
         if not self.lr > 0 or not self.momentum < 1:
             raise ValueError(f"need lr > 0 and momentum < 1, got lr={self.lr}, momentum={self.momentum}")
         for name in ("steps", "epochs", "batch_size"):
-            check_int(getattr(self, name), name)
+            object.__setattr__(self, name, check_int(getattr(self, name), name))   # Python ints for the manifests
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
         if self.coral_norm not in CORAL_NORMS:

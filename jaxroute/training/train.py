@@ -36,7 +36,7 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("epochs", "batch_size"):
-            check_int(getattr(self, name), name)
+            object.__setattr__(self, name, check_int(getattr(self, name), name))   # Python ints for the manifests
         for name in ("lr", "momentum", "weight_decay", "label_smoothing"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
@@ -46,7 +46,7 @@ class TrainConfig:
                              f"momentum={self.momentum}, label_smoothing={self.label_smoothing}")
         for name in ("pad_crop", "seed"):  # numpy's generators take no negative seeds
             v = getattr(self, name)
-            check_int(v, f"{name}", 0)
+            object.__setattr__(self, name, check_int(v, name, 0))
 
 
 class TrainState(train_state.TrainState):

@@ -129,9 +129,7 @@ class Config:
         check_int(self.seed, "seed", 0)
         # the protocol needs 40 selected images (the detection job says so when fewer are selected)
         for f, low in (("limit", 40), ("train_limit", 10)):
-            v = getattr(self, f)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
-                raise ValueError(f"{f} must be an integer >= {low} or None (all images), got {v!r}")
+            check_int(getattr(self, f), f"{f} (None: all images)", low, allow_none=True)
         if not isinstance(self.cdrp, bool):
             raise ValueError(f"cdrp must be True or False, got {self.cdrp!r}")
         if self.lid_rule not in ("self", "all"):

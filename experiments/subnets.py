@@ -122,9 +122,7 @@ class Config:
             raise ValueError(f"grid_images must be at most 10 (one image per CIFAR-10 class), got {self.grid_images}")
         # 10 classes need images of each; the 5-fold regression of Fig. 2 needs pairs in every fold
         for f, low in (("train_limit", 20), ("test_limit", 20), ("seed_train_limit", 20)):
-            v = getattr(self, f)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
-                raise ValueError(f"{f} must be an integer >= {low} or None (all images), got {v!r}")
+            check_int(getattr(self, f), f"{f} (None: all images)", low, allow_none=True)
         if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0 < self.eps <= 1 \
                 or not math.isfinite(self.eps):
             raise ValueError(f"eps must be a finite FGSM step in (0, 1] (pixels in [0, 1]), got {self.eps!r}")

@@ -9,7 +9,11 @@ from jaxroute.utils.checks import check_finite, check_int
 
 def test_check_int_accepts_integers_and_returns_python_ints():
     assert check_int(3, "n") == 3 and type(check_int(np.int64(3), "n")) is int
-    assert check_int(0, "seed", 0) == 0
+    assert check_int(0, "seed", 0) == 0 and check_int(None, "limit", allow_none=True) is None
+    with pytest.raises(ValueError, match=r"^limit must be an integer >= 1 or None, got 0"):
+        check_int(0, "limit", allow_none=True)
+    with pytest.raises(ValueError, match="must be an integer >= 1, got None"):
+        check_int(None, "n")
     for bad in (0, -1, 2.0, True, "3", None, np.float32(3)):
         with pytest.raises(ValueError, match=r"^n must be an integer >= 1, got "):
             check_int(bad, "n")

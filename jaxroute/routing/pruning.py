@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from jaxroute.models.base import flax_path
 from jaxroute.models.gates import GateSpec, flatten_gates
 from jaxroute.routing.route import Route
+from jaxroute.utils.checks import check_int
 
 PRUNE_RULES = ("remaining", "linear")
 SELECT_RULES = ("lowest_loss", "last")
@@ -66,9 +67,7 @@ class PruneConfig:
         if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not (
                 math.isfinite(self.gamma) and self.gamma >= 0):
             raise ValueError(f"gamma must be a finite number >= 0, got {self.gamma!r}")
-        if self.max_iters is not None and (isinstance(self.max_iters, bool) or not isinstance(self.max_iters, int)
-                                           or self.max_iters < 1):
-            raise ValueError(f"max_iters must be an integer >= 1 or None, got {self.max_iters!r}")
+        object.__setattr__(self, "max_iters", check_int(self.max_iters, "max_iters", allow_none=True))
 
     def iterations(self, spec: GateSpec) -> int:
         """Iterations that prune every channel of the widest layer (or ``max_iters``)."""

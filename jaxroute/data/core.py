@@ -185,12 +185,11 @@ def batches(data, batch_size: int, *, drop_remainder: bool = False, pad: bool = 
     if labels is not None and len(labels) != len(images):
         raise ValueError(f"images ({len(images)}) and labels ({len(labels)}) differ in length")
     total = num_batches(len(images), batch_size, drop_remainder)
-    if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
-        raise ValueError(f"start must be a batch index >= 0, got {start!r}")
+    start = check_int(start, "start (a batch index)", 0)
     # a grain-decoded view streams all batches through one pipeline (decode workers run ahead)
-    stream = (iter(images.iter_ranges([(int(start) * batch_size, min(total * batch_size, len(images)))], batch_size))
+    stream = (iter(images.iter_ranges([(start * batch_size, min(total * batch_size, len(images)))], batch_size))
               if hasattr(images, "iter_ranges") and start < total else None)
-    for b in range(int(start), total):
+    for b in range(start, total):
         lo, hi = b * batch_size, min((b + 1) * batch_size, len(images))
         # a streaming data set reads just this batch (from disk, or decoded by the pipeline)
         x = read_rows(images[lo:hi]) if stream is None else unit_float(next(stream))

@@ -34,6 +34,8 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from jaxroute.utils.checks import check_int
+
 from .stored import unit_float
 
 DEFAULT_READ_BATCH = 64  # rows per grain element when the caller has no batch size of its own
@@ -42,12 +44,6 @@ DEFAULT_READ_BATCH = 64  # rows per grain element when the caller has no batch s
 def default_workers() -> int:
     """Decode worker processes by default: one per core but one (which runs the routing), at most 8."""
     return max(0, min(8, (os.cpu_count() or 1) - 1))
-
-
-def _check_count(name: str, v, minimum: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
-    return int(v)
 
 
 class DecodeFile:
@@ -173,9 +169,9 @@ class StreamImages:
                  prefetch: int = 2, _rows: tuple[int, int] | None = None):
         self.source, self.transform = source, transform
         self.image_shape = tuple(int(d) for d in shape)
-        self.workers = default_workers() if workers is None else _check_count("workers", workers, 0)
-        self.threads = _check_count("threads", threads, 1)
-        self.prefetch = _check_count("prefetch", prefetch, 1)
+        self.workers = default_workers() if workers is None else check_int(workers, "workers", 0)
+        self.threads = check_int(threads, "threads")
+        self.prefetch = check_int(prefetch, "prefetch")
         self._lo, self._hi = _rows if _rows is not None else (0, len(source))
 
     @property
@@ -207,7 +203,7 @@ class StreamImages:
     def iter_ranges(self, ranges, batch_size: int) -> Iterator[np.ndarray]:
         """uint8 batches of the view's rows ``[lo, hi)`` for each range, in order; no batch spans two
         ranges (each range ends with its own partial batch), so a caller can cut the stream per range."""
-        batch_size = _check_count("batch_size", batch_size, 1)
+        batch_size = check_int(batch_size, "batch_size")
         spans = []
         for lo, hi in ranges:
             if not 0 <= lo <= hi <= len(self):
@@ -233,7 +229,7 @@ def find_bad_records(source, transform: Callable, *, workers: int | None = None,
                      batch_size: int = DEFAULT_READ_BATCH) -> list[tuple[int, str]]:
     """``[(row, message)]`` of the records ``transform`` cannot decode: one decode pass over the
     source on the same grain workers as a job, with nothing kept."""
-    workers = default_workers() if workers is None else _check_count("workers", workers, 0)
+    workers = default_workers() if workers is None else check_int(workers, "workers", 0)
     rows = _row_batches([(0, len(source))], batch_size)
     bad: list[tuple[int, str]] = []
     if rows:

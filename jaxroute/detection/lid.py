@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxroute.utils.checks import check_int
+
 LID_KS = tuple(range(10, 100, 10))
 DROP_RULES = ("self", "all")
 MIN_BATCH = 3  # images in a mini-batch: k <= len - 1 must be >= 2 for the MLE to be defined
@@ -51,8 +53,7 @@ class LIDConfig:
         if not ks or any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 for k in ks):
             raise ValueError(f"LID ks must be a non-empty list of integers >= 1, got {ks!r}")
         object.__setattr__(self, "ks", tuple(int(k) for k in ks))
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < MIN_BATCH:
-            raise ValueError(f"LID batch_size must be an integer >= {MIN_BATCH}, got {self.batch_size!r}")
+        object.__setattr__(self, "batch_size", check_int(self.batch_size, "LID batch_size", MIN_BATCH))
         if self.drop_first not in DROP_RULES:
             raise ValueError(f"LID drop_first must be one of {DROP_RULES}, got {self.drop_first!r}")
 

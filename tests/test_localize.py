@@ -63,6 +63,33 @@ def test_structure_all_ones_subnets_and_maps_of_the_pasted_class(digits):
         np.testing.assert_allclose(res["grad_cam"]["full"][k], want[k], rtol=1e-5, atol=1e-6)
 
 
+def test_cache_dir_resumes_chunk_by_chunk_with_the_same_result(digits, tmp_path):
+    model, (xtr, ytr), (xte, yte) = digits
+    kw = dict(methods=["smoothgrad"], n_train=6, n_test=5, key=jax.random.key(2), batch_size=4,
+              configs={"smoothgrad": SmoothGradConfig(samples=2)})
+    gates = np.random.default_rng(0).uniform(0, 2, (model.num_classes, model.spec.size)).astype(np.float32)
+    want = localize(model, xtr, ytr, xte, yte, subnets=gates, **kw)
+    cache = tmp_path / "loc"
+    assert localize(model, xtr, ytr, xte, yte, subnets=gates, cache_dir=cache, chunk=4, **kw) == want
+    folder = cache / "smoothgrad-subnet"
+    assert sorted(p.name for p in folder.glob("*.npz")) == ["test-0000000-0000004.npz", "test-0000004-0000005.npz",
+                                                            "train-0000000-0000004.npz", "train-0000004-0000006.npz"]
+    # a killed run: the chunks it kept are read back, the missing one computed again
+    (folder / "test-0000004-0000005.npz").unlink()
+    kept = folder / "train-0000000-0000004.npz"
+    before = kept.stat().st_mtime_ns
+    assert localize(model, xtr, ytr, xte, yte, subnets=gates, cache_dir=cache, chunk=4, **kw) == want
+    assert kept.stat().st_mtime_ns == before and (folder / "test-0000004-0000005.npz").exists()
+    # scores of other gates, another key or another model are refused, not mixed
+    with pytest.raises(ValueError, match="gates"):
+        localize(model, xtr, ytr, xte, yte, subnets=gates * 0.5, cache_dir=cache, chunk=4, **kw)
+    with pytest.raises(ValueError, match="key"):
+        localize(model, xtr, ytr, xte, yte, subnets=gates, cache_dir=cache, chunk=4, **{**kw, "key": jax.random.key(3)})
+    other = model.with_variables(jax.tree_util.tree_map(lambda v: v * 1.01, model.variables))
+    with pytest.raises(ValueError, match="weights"):
+        localize(other, xtr, ytr, xte, yte, subnets=gates, cache_dir=cache, chunk=4, **kw)
+
+
 def abstract_model(name):
     from jaxroute.weights import abstract_variables
 

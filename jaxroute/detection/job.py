@@ -42,7 +42,6 @@ reference code.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -165,7 +164,9 @@ def subnet_gates(subnets, model) -> np.ndarray:
 
 def gates_id(gates) -> str:
     """A short fingerprint of class gates: what the subnet detector's cached files depend on."""
-    return hashlib.sha256(np.ascontiguousarray(gates, np.float32).tobytes()).hexdigest()[:16]
+    from jaxroute.utils.cache import fingerprint
+
+    return fingerprint([gates])
 
 
 def cdrp_program(model, config=None) -> Callable:

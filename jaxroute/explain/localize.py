@@ -29,9 +29,21 @@ SmoothGrad's keys.  SmoothGrad's noise for canvas i is drawn from
 ``fold_in(noise_key, i)`` (training canvases 0..n_train-1, test canvases
 after them), the same noise for full weights and the subnetwork, so the two
 differ only by the gates.
+
+Resume: with ``cache_dir``, each method and weights keeps the per-canvas
+scores (:func:`~jaxroute.explain.localization.canvas_scores`: the error at every
+α and the energy in box, a few hundred bytes a canvas) of every ``chunk``
+canvases in ``cache_dir/<method>-<variant>/`` as soon as they are computed,
+beside the arguments they depend on (``config.json``: model weights, gates,
+key, canvas counts, method config; a folder of other arguments is refused).
+A killed run started again explains only the canvases it had not finished,
+with the same result.
 """
 from __future__ import annotations
 
+import dataclasses
+import os
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import jax
@@ -40,10 +52,11 @@ import numpy as np
 
 from jaxroute.data.paste import paste_set
 from jaxroute.explain.job import explanation_outputs
-from jaxroute.explain.localization import evaluate_localization
+from jaxroute.explain.localization import canvas_scores, evaluate_scores
 from jaxroute.explain.methods import METHODS, NEEDS_KEY, method_config
 from jaxroute.utils.checks import check_int
 from jaxroute.utils.devices import map_batches
+from jaxroute.utils.io import atomic_save_npz
 
 
 def check_methods(methods) -> list[str]:
@@ -93,7 +106,8 @@ def _check_images(model, images, labels, what: str) -> tuple[np.ndarray, np.ndar
 
 def localize(model, train_images, train_labels, test_images, test_labels, *, methods, subnets=None,
              n_train: int = 1000, n_test: int = 2000, key: jax.Array, batch_size: int = 64,
-             configs: Mapping[str, Any] | None = None, log: Callable[[str], Any] | None = None) -> dict:
+             configs: Mapping[str, Any] | None = None, cache_dir: str | os.PathLike | None = None,
+             chunk: int = 250, log: Callable[[str], Any] | None = None) -> dict:
     """Localization error of each saliency method on paste-set canvases, full weights and (with
     ``subnets``) under the pasted class's subnetwork.
 
@@ -101,7 +115,8 @@ def localize(model, train_images, train_labels, test_images, test_labels, *, met
     training canvases (for α*) and the test canvases (for the error) are built from;
     ``methods`` names of :data:`~jaxroute.explain.METHODS`; ``subnets`` (K, D) one gate vector per
     class (row c = class c); ``configs`` ``{method: config}`` (missing: the defaults);
-    ``batch_size`` canvases explained at once (jitted, split over the local devices).
+    ``batch_size`` canvases explained at once (jitted, split over the local devices);
+    ``cache_dir`` keeps the scores of every ``chunk`` canvases (see the module doc).
 
     Returns ``{method: {"full": {alpha_star, err, energy_in_box, train_err}, "subnet": {...}}}``
     (``"subnet"`` only with ``subnets``); ``err`` and ``train_err`` in %, ``energy_in_box`` the
@@ -109,7 +124,7 @@ def localize(model, train_images, train_labels, test_images, test_labels, *, met
     """
     methods = check_methods(methods)
     n_train, n_test = check_int(n_train, "n_train"), check_int(n_test, "n_test")
-    batch_size = check_int(batch_size, "batch_size")
+    batch_size, chunk = check_int(batch_size, "batch_size"), check_int(chunk, "chunk")
     configs = dict(configs or {})
     unused = sorted(set(configs) - set(methods))
     if unused:
@@ -145,10 +160,46 @@ def localize(model, train_images, train_labels, test_images, test_labels, *, met
             def maps(ps, index):
                 return map_batches(lambda _, x, y, i: maps_fn(x, y, i), [ps.canvases, ps.labels, index], batch)
 
-            result[method][variant] = evaluate_localization(maps(train, index_train), train.boxes,
-                                                            maps(test, index_test), test.boxes)
+            folder = None
+            if cache_dir is not None:
+                from jaxroute.utils.cache import check_cache_config, fingerprint
+
+                folder = Path(cache_dir) / f"{method}-{variant}"
+                folder.mkdir(parents=True, exist_ok=True)
+                check_cache_config(folder, {
+                    "model": model.name, "weights": fingerprint(jax.tree_util.tree_leaves(model.variables)),
+                    "gates": None if gates is None else fingerprint([gates]),
+                    "key": np.asarray(jax.random.key_data(key)).tolist(), "n_train": n_train, "n_test": n_test,
+                    "canvas_shape": list(shape), "config": dataclasses.asdict(configs[method]), "chunk": chunk})
+            parts = [_scores(maps, ps, index, part, folder, chunk, log and (lambda m: log(f"{method} ({variant}) {m}")))
+                     for ps, index, part in ((train, index_train, "train"), (test, index_test, "test"))]
+            result[method][variant] = evaluate_scores(*parts)
             if log:
                 r = result[method][variant]
                 log(f"{method} ({variant}): error {r['err']:.2f}% at alpha* {r['alpha_star']:g}, "
                     f"energy in box {r['energy_in_box']:.4f}")
     return result
+
+
+_canvas_scores = jax.jit(canvas_scores)
+
+
+def _scores(maps: Callable, ps, index: np.ndarray, part: str, folder: Path | None, chunk: int, log) -> dict:
+    """:func:`canvas_scores` of the paste set ``ps``, computed ``chunk`` canvases at a time; with a
+    ``folder``, each chunk is read from it when there and saved into it when computed."""
+    out = []
+    for lo in range(0, len(index), chunk):
+        hi = min(lo + chunk, len(index))
+        path = None if folder is None else folder / f"{part}-{lo:07d}-{hi:07d}.npz"
+        if path is not None and path.exists():
+            with np.load(path) as z:
+                out.append({k: z[k] for k in z.files})
+            continue
+        view = ps._replace(canvases=ps.canvases[lo:hi], labels=ps.labels[lo:hi])
+        s = {k: np.asarray(v) for k, v in _canvas_scores(maps(view, index[lo:hi]), ps.boxes[lo:hi]).items()}
+        if path is not None:
+            atomic_save_npz(path, **s)
+        if log and len(index) > chunk:
+            log(f"{part} canvases {hi}/{len(index)}")
+        out.append(s)
+    return {k: np.concatenate([o[k] for o in out]) for k in ("errors", "energy")}

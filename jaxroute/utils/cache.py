@@ -9,6 +9,7 @@ invocations so a resumed run still reports the full cost of its cache.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -38,6 +39,15 @@ def cached_npz(path, make: Callable[[], dict]) -> dict[str, np.ndarray]:
         atomic_save_npz(path, **make())
     with np.load(path, allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
+
+
+def fingerprint(arrays: Iterable) -> str:
+    """A short SHA-256 fingerprint of the values of ``arrays`` (in order, as float32): what a
+    cached result computed from them depends on (weights, gates)."""
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a, np.float32).tobytes())
+    return h.hexdigest()[:16]
 
 
 def check_cache_config(cache, key: dict) -> None:
@@ -74,5 +84,8 @@ class Timings:
         run keeps what it spent."""
         self.now[stage] = self.now.get(stage, 0.0) + seconds
         if stage in self.cached:
+            # re-read first: runs of different models may share one cache and its file
+            if self.path.exists():
+                self.total = {**self.total, **json.loads(self.path.read_text())}
             self.total[stage] = self.total.get(stage, 0.0) + seconds
             atomic_write_json(self.path, self.total)

@@ -1,4 +1,4 @@
-"""The shared argument checks: one rule and one message, Python ints and floats out."""
+"""The shared argument checks (one rule and one message, Python ints and floats out) and the stage timings."""
 import json
 
 import numpy as np
@@ -36,3 +36,25 @@ def test_configs_keep_python_ints_for_their_manifests():
     for cfg in (DGRConfig(steps=np.int64(5)), SubnetConfig(epochs=np.int64(2), seed=np.int64(1)),
                 TrainConfig(epochs=np.int64(2), batch_size=np.int64(8), seed=np.int64(0))):
         json.dumps(dataclasses.asdict(cfg))   # NumPy integers would not serialise
+
+
+def test_library_entry_points_use_the_shared_message():
+    from jaxroute.data.core import batches
+    from jaxroute.detection.lid import LIDConfig
+
+    with pytest.raises(ValueError, match=r"^LID batch_size must be an integer >= 3, got 2"):
+        LIDConfig(batch_size=2)
+    assert type(LIDConfig(batch_size=np.int64(8)).batch_size) is int
+    with pytest.raises(ValueError, match=r"^start \(a batch index\) must be an integer >= 0, got -1"):
+        next(batches(np.zeros((4, 2, 2, 1), np.float32), 2, start=-1))
+
+
+def test_timings_of_two_runs_sharing_a_cache_add_up(tmp_path):
+    from jaxroute.utils.cache import Timings
+
+    a, b = Timings(tmp_path / "t.json", ("x", "y")), Timings(tmp_path / "t.json", ("x", "y"))
+    a.add("x", 2.0)
+    b.add("y", 3.0)      # b was opened before a wrote: a's stage must survive b's write
+    a.add("x", 1.0)
+    assert json.loads((tmp_path / "t.json").read_text()) == {"x": 3.0, "y": 3.0}
+    assert a.now == {"x": 3.0} and b.now == {"y": 3.0}

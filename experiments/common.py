@@ -2,10 +2,27 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any, Callable
 
 from jaxroute.cli.common import log
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def portable_path(path) -> str:
+    """``path`` as a cache records it: relative to the repository root when it lies beside or
+    inside it (``../shared/...``), else absolute.
+
+    A committed result cache then matches in any clone that has ``../shared``
+    beside it, whatever the clone's own location.
+    """
+    p = Path(path).resolve()
+    if p.is_relative_to(REPO.parent):
+        return os.path.relpath(p, REPO)
+    return str(p)
 
 
 def comma_list(text: str) -> tuple[str, ...]:

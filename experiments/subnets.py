@@ -40,10 +40,16 @@ images, one command writes into ``OUT`` for every model:
    (every number).
 
 Cache and resume: every stage's result lives under ``OUT/cache/<model>/``
-(subnetwork folders resumable per epoch, JSON and NPZ files written
-atomically); a run started again with the same arguments reuses them and
-adding a model keeps the others' cache.  A cache written with other
-arguments is refused (``OUT/cache/config.json``).
+(subnetwork folders resumable per epoch, localization scores per 250
+canvases, JSON and NPZ files written atomically); a run started again with
+the same arguments reuses them, adding a model keeps the others' cache, and
+the models may run as separate processes on one ``OUT`` (``--models
+resnet20`` and ``--models resnet32`` on two cores), then once more with both
+for the report.  A cache written with other arguments is refused
+(``OUT/cache/config.json``); it records the shared paths relative to the
+repository (``../shared/...``), so ``reports/subnets/cache``, which is
+kept in the repository for its hours of CPU (all but the features, minutes
+to recompute), resumes in any clone with ``../shared`` beside it.
 """
 from __future__ import annotations
 
@@ -56,7 +62,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.common import comma_list, configure_and_run
+from experiments.common import comma_list, configure_and_run, portable_path
 from jaxroute.utils.cache import cached_json, cached_npz
 from jaxroute.utils.checks import check_int
 
@@ -137,7 +143,8 @@ class Config:
             raise ValueError("embedding umap needs umap-learn: pip install -e '.[experiments]' (or --embedding pca)")
 
     def cache_key(self) -> dict:
-        return {f: getattr(self, f) for f in self.CACHE_FIELDS}
+        key = {f: getattr(self, f) for f in self.CACHE_FIELDS}
+        return {**key, **{f: portable_path(key[f]) for f in ("models_dir", "data", "wordnet")}}
 
 
 def run_label(cfg: Config) -> str:
@@ -330,7 +337,8 @@ def run_model(cfg: Config, name: str, model, weights: Path, train, test, wordnet
 
     cache.mkdir(parents=True, exist_ok=True)
     names = [str(c) for c in test.class_names]
-    source = {"weights": str(weights), "data": cfg.data, "split": "train", "limit": cfg.train_limit}
+    source = {"weights": portable_path(weights), "data": portable_path(cfg.data), "split": "train",
+              "limit": cfg.train_limit}
 
     def distill(seed: int, data=train, folder: str = "subnets"):
         folder = cache / folder
@@ -441,9 +449,10 @@ def run_model(cfg: Config, name: str, model, weights: Path, train, test, wordnet
         return localize(model, train.images, train.labels, test.images, test.labels, methods=[method],
                         subnets=gates, n_train=cfg.n_train_canvases, n_test=cfg.n_test_canvases,
                         key=jax.random.key(cfg.seed), batch_size=min(cfg.batch_size, 64),
-                        log=lambda m: log(f"{name} {m}"))[method]
+                        cache_dir=cache / "localize", log=lambda m: log(f"{name} {m}"))[method]
 
-    # one cached file per method: on a CPU, IG and SmoothGrad on 2 x 3,000 canvases take hours
+    # one cached file per method, and the scores of every 250 canvases under localize/: on a CPU,
+    # IG and SmoothGrad on 2 x 3,000 canvases take hours
     loc = {m: _stage(timings, f"localize_{name}", lambda m=m: cached_json(cache / f"table1_{m}.json",
                                                                          lambda: table1(m)))
            for m in cfg.methods}

@@ -29,6 +29,18 @@ def test_config_validates_every_field():
     assert "models" not in Config().cache_key()
 
 
+def test_cache_key_records_the_shared_paths_relative_to_the_repository(tmp_path):
+    from experiments.common import REPO, portable_path
+
+    # a committed cache must match in any clone with ../shared beside it
+    key = Config().cache_key()
+    assert key["data"] == "../shared/data/cifar10-jpeg" and key["models_dir"] == "../shared/models/cifar10-resnet"
+    assert portable_path(REPO / "reports") == "reports"
+    outside = tmp_path.resolve()
+    if not outside.is_relative_to(REPO.parent):
+        assert portable_path(outside) == str(outside)
+
+
 def test_run_label_and_command_name_every_limit():
     full = Config()
     assert run_label(full).startswith("full run (") and command(full, "r") == \

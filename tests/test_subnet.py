@@ -121,6 +121,13 @@ def test_resume_equals_uninterrupted(digits_model, digits_train, tmp_path):
     k = np.arange(10)
     np.testing.assert_array_equal(straight.gates, straight.snapshot_gates[straight.selected_epoch - 1, k])
     assert np.all((straight.sparsity <= SMALL.tau) | straight.fallback)
+    # a finished folder keeps only the result, and is read back, not run again
+    assert not (tmp_path / "b" / "state.npz").exists()
+    again = distill_to_dir(digits_model, digits_train, tmp_path / "b", config=SMALL,
+                           on_epoch=lambda s: epochs_run.append(s.epochs_done))
+    assert epochs_run == [2]
+    for name, a, b in zip(straight._fields, straight, again):
+        np.testing.assert_array_equal(a, b, err_msg=name)
     # another configuration in the same folder is refused, not mixed
     with pytest.raises(ValueError, match="other arguments"):
         distill_to_dir(digits_model, digits_train, tmp_path / "b", config=SubnetConfig(epochs=3, batch_size=8))

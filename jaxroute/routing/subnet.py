@@ -407,8 +407,10 @@ def distill_to_dir(model, dataset, out: str | os.PathLike, *, config: SubnetConf
                         and every epoch's snapshot_gates / snapshot_loss / snapshot_sparsity / train_loss
 
     Started again with the same arguments it continues after the last saved
-    epoch, with output identical to an uninterrupted run; a folder written with
-    other arguments is refused.
+    epoch, with output identical to an uninterrupted run, or returns the saved
+    result once finished (``state.npz`` is then removed: ``subnets.npz`` holds
+    everything it did but the optimiser state); a folder written with other
+    arguments is refused.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -424,6 +426,8 @@ def distill_to_dir(model, dataset, out: str | os.PathLike, *, config: SubnetConf
             old_job = old.get("job") or {}
             diff = {k: (old_job.get(k), v) for k, v in job.items() if old_job.get(k) != v}
             raise ValueError(f"{out} holds subnetworks of other arguments {diff}; use another --out folder")
+        if old.get("finished") and (out / SUBNETS).is_file():
+            return load_subnets(out)
     class_names = [str(c) for c in (dataset.class_names or ())]
     manifest = {"format": FORMAT, "job": job, "layout": model.spec.layout(), "class_names": class_names,
                 "epochs_done": 0, "finished": False}
@@ -447,6 +451,7 @@ def distill_to_dir(model, dataset, out: str | os.PathLike, *, config: SubnetConf
     atomic_write_json(path, {**manifest, "epochs_done": config.epochs, "finished": True,
                              "selected_epoch": res.selected_epoch, "sparsity": res.sparsity,
                              "fallback": res.fallback})
+    (out / STATE).unlink(missing_ok=True)   # the manifest says finished first: a kill here loses nothing
     return res
 
 

@@ -43,31 +43,13 @@ import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-DATA_DIR = SHARED / "data" / "cifar10-jpeg" / "test"
-CKPT = SHARED / "models" / "cifar10-resnet" / "resnet20-12fca82f.th"
+from benchmarks.inputs import CHECKPOINTS, CIFAR_JPEG, cifar_images
 
-
-def load_images(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """n test images, classes interleaved (first ceil(n/10) files per class): float32 NHWC /255."""
-    from PIL import Image
-
-    classes = sorted(p.name for p in DATA_DIR.iterdir() if p.is_dir())
-    per = -(-n // len(classes))
-    files = [sorted((DATA_DIR / c).glob("*.jpg"))[:per] for c in classes]
-    xs, ys = [], []
-    for i in range(per):
-        for label, fs in enumerate(files):
-            if len(xs) < n and i < len(fs):
-                with Image.open(fs[i]) as im:
-                    xs.append(np.asarray(im.convert("RGB"), np.float32) / 255.0)
-                ys.append(label)
-    return np.stack(xs), np.asarray(ys, np.int64)
+CKPT = CHECKPOINTS["resnet20"]
+DATA_DIR = CIFAR_JPEG / "test"   # the benchmark compares attack results: it needs the real images
 
 
 # name, label, jaxroute (attack name, config), torchattacks (class name, kwargs) or None, slow
@@ -209,7 +191,7 @@ def main(argv=None) -> int:
     for k, v in info.items():
         print(f"- {k}: {v}")
 
-    x, y = load_images(args.n)
+    x, y, _ = cifar_images(args.n)
     f = load_model("resnet20", CKPT).logits
     tm = PixelSpace(build_model(20, checkpoint=CKPT)).eval()
     with torch.no_grad():

@@ -41,7 +41,8 @@ import time
 import numpy as np
 
 from benchmarks.machine import cpu_model
-from benchmarks.routing import CHECKPOINTS, load_image_pool, median
+from benchmarks.inputs import CHECKPOINTS, cifar_images
+from benchmarks.routing import median
 
 EPSILONS = (0.0, 0.01, 0.005, 0.002, 0.0014, 0.001, 0.0005)
 BATCH = 100
@@ -181,7 +182,7 @@ def main(argv=None):
     # all cores, or those taskset names (platforms without affinity masks: all cores)
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(threads)
-    images, labels, source = load_image_pool(args.images)
+    images, labels, source = cifar_images(args.images)
     ckpt = CHECKPOINTS["resnet20"]
     if ckpt.is_file():
         model, weights = load_model("resnet20", str(ckpt)), f"pretrained {ckpt.name}"

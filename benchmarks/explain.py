@@ -44,25 +44,13 @@ import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-DATA_DIR = SHARED / "data" / "cifar10-jpeg" / "test"
-CKPT = SHARED / "models" / "cifar10-resnet" / "resnet20-12fca82f.th"
+from benchmarks.inputs import CHECKPOINTS, REPO, cifar_images
+
+CKPT = CHECKPOINTS["resnet20"]
 METHOD_NAMES = ("gradient", "deconvnet", "guided_backprop", "grad_cam", "integrated_gradients", "smoothgrad")
-
-
-def load_images(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """n test images, classes interleaved (float32 NHWC in [0, 1]); synthetic without ../shared."""
-    if DATA_DIR.is_dir():
-        from benchmarks.attacks_vs_torchattacks import load_images as load
-
-        return load(n)
-    rng = np.random.default_rng(0)
-    return rng.random((n, 32, 32, 3), dtype=np.float32), np.arange(n, dtype=np.int64) % 10
 
 
 def machine_info(threads: int, devices: int) -> dict:
@@ -144,23 +132,11 @@ def run_captum(tm, method, x, y, gates, batch, repeats):
     return statistics.median(times), maps
 
 
-def load_train_images(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first n training images, classes interleaved (synthetic without ../shared)."""
-    train = DATA_DIR.parent / "train"
-    if train.is_dir():
-        from jaxroute.data import load_dataset
-
-        ds = load_dataset(str(DATA_DIR.parent), "train", limit=n).materialize()
-        return np.asarray(ds.images, np.float32), np.asarray(ds.labels)
-    rng = np.random.default_rng(1)
-    return rng.random((n, 32, 32, 3), dtype=np.float32), np.arange(n) % 10
-
-
 def run_subnets(model, n: int, repeats: int) -> dict:
     """Seconds of one distillation epoch of all ten classes: one program vs one class at a time."""
     from jaxroute.routing.subnet import SubnetConfig, distill_subnets, full_logits
 
-    x, y = load_train_images(n)
+    x, y, _ = cifar_images(n, "train")
     logits = full_logits(model, x)
     cfg = SubnetConfig(epochs=1)
 
@@ -229,7 +205,7 @@ def main(argv=None) -> int:
     for k, v in info.items():
         print(f"- {k}: {v}")
 
-    x, y = load_images(args.n)
+    x, y, _ = cifar_images(args.n)
     if CKPT.exists():
         model = load_model("resnet20", CKPT)
         tm = torch_reference.GatedReluResNet20(model.spec.names, model.spec.channels)

@@ -44,11 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-DATA_DIR = SHARED / "data" / "cifar10-jpeg" / "test"
-CHECKPOINTS = {"resnet20": SHARED / "models" / "cifar10-resnet" / "resnet20-12fca82f.th",
-               "resnet32": SHARED / "models" / "cifar10-resnet" / "resnet32-d509ac18.th"}
+from benchmarks.inputs import CHECKPOINTS, REPO, cifar_images
 RESULT_TAG = "@@RESULT "
 QUICK = dict(batch_sizes="4,16", other_batch_sizes="4", n_images=16, repeats=1, official_images=2,
              devices="1,2", scaling_batch=16, step_batch=16, matmul_repeats=3, ablation_batch=8,
@@ -140,26 +136,6 @@ def dgr_flops_per_image(fm: dict, steps: int, official: bool) -> float:
 # --------------------------------------------------------------------------
 # inputs and weights, prepared once by the parent and shared with workers
 # --------------------------------------------------------------------------
-
-def load_image_pool(n: int) -> tuple[np.ndarray, np.ndarray, str]:
-    """n test images, class-interleaved (image i: class i % 10, file i // 10), NHWC [0, 1]."""
-    if DATA_DIR.is_dir():
-        from PIL import Image
-
-        classes = sorted(p.name for p in DATA_DIR.iterdir() if p.is_dir())
-        files = {c: sorted((DATA_DIR / c).glob("*.jpg")) for c in classes}
-        imgs, labels = [], []
-        for i in range(n):
-            c = i % len(classes)
-            with Image.open(files[classes[c]][i // len(classes)]) as im:
-                imgs.append(np.asarray(im.convert("RGB"), np.float32) / 255.0)
-            labels.append(c)
-        return np.stack(imgs), np.asarray(labels), f"CIFAR-10 JPEG test images from {DATA_DIR}"
-    print(f"WARNING: {DATA_DIR} not found: using {n} random images in [0, 1] instead "
-          "(timings are unaffected, routes are meaningless)", flush=True)
-    rng = np.random.default_rng(0)
-    return rng.random((n, 32, 32, 3), dtype=np.float32), np.zeros(n, int), "random images (data absent)"
-
 
 def prepare_weights(name: str, out: Path) -> dict:
     """Flax variables of ``name`` saved flat to ``out`` (npz); returns a description."""
@@ -667,7 +643,7 @@ def main(argv=None) -> int:
 
 def _main(args, info, tmp, models, batch_sizes, other_bs, repeats, n_images, official_images, devices,
           scaling_batch, step_batch, threads, T, q) -> int:
-    pool, labels, pool_src = load_image_pool(n_images)
+    pool, labels, pool_src = cifar_images(n_images)
     np.save(tmp / "pool.npy", pool)
     print(f"- inputs: {len(pool)} {pool_src} (the same pool for every configuration)")
     model_info = {}

@@ -9,7 +9,7 @@ from typing import Any, Callable
 from jaxroute.cli.common import log
 
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(os.path.abspath(__file__)).parents[1]
 
 
 def portable_path(path) -> str:
@@ -19,7 +19,8 @@ def portable_path(path) -> str:
     A committed result cache then matches in any clone that has ``../shared``
     beside it, whatever the clone's own location.
     """
-    p = Path(path).resolve()
+    # absolute but not resolved: a ../shared that is a symbolic link stays ../shared
+    p = Path(os.path.abspath(path))
     if p.is_relative_to(REPO.parent):
         return os.path.relpath(p, REPO)
     return str(p)

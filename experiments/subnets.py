@@ -56,17 +56,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from experiments.common import comma_list, configure_and_run, portable_path
+from experiments.common import REPO, comma_list, configure_and_run, portable_path
 from jaxroute.utils.cache import cached_json, cached_npz
 from jaxroute.utils.checks import check_int
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED = REPO.parent / "shared"
 MODELS = {"resnet20": "resnet20-12fca82f.th", "resnet32": "resnet32-d509ac18.th"}
 METHODS = ("gradient", "deconvnet", "guided_backprop", "grad_cam", "integrated_gradients", "smoothgrad")
 METHOD_LABELS = {"gradient": "Gradient", "deconvnet": "Deconvnet", "guided_backprop": "Guided BP",
@@ -784,8 +785,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     def make_config() -> Config:
-        cfg = Config(models_dir=str(Path(args.models_dir).resolve()), data=str(Path(args.data).resolve()),
-                     wordnet=str(Path(args.wordnet).resolve()), models=comma_list(args.models),
+        cfg = Config(models_dir=os.path.abspath(args.models_dir), data=os.path.abspath(args.data),
+                     wordnet=os.path.abspath(args.wordnet), models=comma_list(args.models),
                      train_limit=args.train_limit, test_limit=args.test_limit, seeds=args.seeds,
                      seed_train_limit=args.seed_train_limit,
                      n_train_canvases=args.n_train_canvases, n_test_canvases=args.n_test_canvases,

@@ -31,11 +31,13 @@ images, one command writes into ``OUT`` for every model:
    predicted-class subnetwork, embedded in 2-D; the silhouette score of clean
    vs adversarial in each feature space and the accuracy of a 5-fold logistic
    regression separating them;
-5. Table 1's analogue: weakly supervised localization error of six saliency
+5. a grid of saliency maps: ``--grid-images`` test images (one per class), one
+   row per method and weights;
+6. Table 1's analogue: weakly supervised localization error of six saliency
    methods on paste-set canvases, full weights vs subnetwork
    (:func:`jaxroute.explain.localize.localize`), beside the paper's numbers;
-6. a grid of saliency maps: ``--grid-images`` test images (one per class), one
-   row per method and weights;
+   ``--methods`` runs a subset (the grid and the table then cover those; the
+   cache serves any later list, so the cheap methods' report can come first);
 7. ``README.md`` (tables, figures, deviations, timings) and ``subnets.json``
    (every number).
 
@@ -81,7 +83,7 @@ PAPER_TABLE1 = {
 }
 AUC_GAP_POINTS = 2.0      # a subnet's AUC may fall at most this many points below the full network's
 EMBEDDINGS = ("umap", "pca")
-STAGES = ("subnets", "auc", "seeds", "seed_embedding", "features", "feature_embedding", "localize", "grid")
+STAGES = ("subnets", "auc", "seeds", "seed_embedding", "features", "feature_embedding", "grid", "localize")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,11 +108,11 @@ class Config:
     batch_size: int = 100
     seed: int = 0                     # localization canvases and noise, embeddings, folds, permutations
 
-    # what the cached results depend on (the model list is not: adding a model resumes)
+    # what the cached results depend on (the model list is not: adding a model resumes; nor is the method
+    # list: each method's table row and grid rows are files of their own)
     CACHE_FIELDS = ("models_dir", "data", "wordnet", "train_limit", "test_limit", "seeds", "seed_train_limit",
-                    "n_train_canvases",
-                    "n_test_canvases", "grid_images", "epochs", "subnet_batch", "eps", "methods", "embedding", "permutations",
-                    "batch_size", "seed")
+                    "n_train_canvases", "n_test_canvases", "grid_images", "epochs", "subnet_batch", "eps",
+                    "embedding", "permutations", "batch_size", "seed")
 
     def __post_init__(self):
         models = tuple(self.models)
@@ -164,8 +166,7 @@ def run_label(cfg: Config) -> str:
     parts += [f"--seeds {cfg.seeds}", f"--seed-train-limit {cfg.seed_train_limit or 'all'}",
               f"--n-train-canvases {cfg.n_train_canvases}",
               f"--n-test-canvases {cfg.n_test_canvases}"]
-    full = (cfg.train_limit is None and cfg.test_limit is None and cfg.epochs == 5 and cfg.subnet_batch == 64
-            and cfg.methods == METHODS)
+    full = cfg.train_limit is None and cfg.test_limit is None and cfg.epochs == 5 and cfg.subnet_batch == 64
     return ("full run (" if full else "quick run (") + ", ".join(parts) + ")"
 
 
@@ -443,7 +444,14 @@ def run_model(cfg: Config, name: str, model, weights: Path, train, test, wordnet
             "feature_dim": int(feats["clean_full"].shape[1]),
             **{s: {k: v for k, v in spaces[s].items() if k != "x"} for s in spaces}}
 
-    # 5. Table 1: localization
+    # 5. saliency grid (before Table 1: minutes, where IG and SmoothGrad's localization takes hours)
+    grid = {}
+    for m in cfg.methods:
+        grid.update(_stage(timings, f"grid_{name}", lambda m=m: cached_npz(
+            cache / f"grid_{m}.npz", lambda: grid_maps(model, gates, test, cfg, m))))
+    plot_grid(grid, names, cfg.methods, out / f"saliency_{name}.png", name)
+
+    # 6. Table 1: localization
     def table1(method: str):
         from jaxroute.explain.localize import localize
 
@@ -458,10 +466,6 @@ def run_model(cfg: Config, name: str, model, weights: Path, train, test, wordnet
                                                                          lambda: table1(m)))
            for m in cfg.methods}
 
-    # 6. saliency grid
-    grid = _stage(timings, f"grid_{name}", lambda: cached_npz(cache / "grid.npz",
-                                                              lambda: grid_maps(model, gates, test, cfg)))
-    plot_grid(grid, names, cfg.methods, out / f"saliency_{name}.png", name)
 
     return {"classes": rows, "checks": checks, "sparsity_mean": float(np.mean(subs.sparsity)),
             "dendrogram": tree, "seeds": seeds, "fig2": fig2, "table1": loc,
@@ -505,8 +509,8 @@ def fig2_features(model, gates, test, cfg: Config) -> dict:
             "adv_l2": adv["l2"]}
 
 
-def grid_maps(model, gates, test, cfg: Config) -> dict:
-    """Saliency maps of the first test image of each of the first ``grid_images`` classes, every method,
+def grid_maps(model, gates, test, cfg: Config, method: str) -> dict:
+    """Saliency maps of ``method`` for the first test image of each of the first ``grid_images`` classes,
     full weights and the image's class subnetwork (the label explained, as in Table 1; SmoothGrad's noise
     per image from ``fold_in(key, i)``, the same for both weights)."""
     import jax
@@ -524,11 +528,10 @@ def grid_maps(model, gates, test, cfg: Config) -> dict:
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.concatenate([jnp.arange(len(index))] * 2))
     out = {"index": index, "labels": np.asarray(y), "images": np.asarray(x)}
     n = len(index)
-    for m in cfg.methods:
-        maps = np.asarray(jax.jit(lambda a, t, gv, k, m=m: explain(model, gv, a, t, method=m,
-                                                                   key=k if m in NEEDS_KEY else None).maps)(
-            xx, yy, gg, keys))
-        out[f"{m}_full"], out[f"{m}_subnet"] = maps[:n], maps[n:]
+    maps = np.asarray(jax.jit(lambda a, t, gv, k: explain(model, gv, a, t, method=method,
+                                                          key=k if method in NEEDS_KEY else None).maps)(
+        xx, yy, gg, keys))
+    out[f"{method}_full"], out[f"{method}_subnet"] = maps[:n], maps[n:]
     return out
 
 
@@ -726,6 +729,9 @@ def report(res: dict) -> str:
             lines.append(f"| {METHOD_LABELS[meth]} | {fu['err']:.2f} | {su['err']:.2f} | {fu['alpha_star']:g} / "
                          f"{su['alpha_star']:g} | {fu['energy_in_box']:.4f} / {su['energy_in_box']:.4f} | "
                          f"{pv[0]:.2f} → {pv[1]:.2f} | {pr[0]:.2f} → {pr[1]:.2f} |")
+        missing = [METHOD_LABELS[x] for x in METHODS if x not in m["table1"]]
+        if missing:
+            lines += ["", f"Not in this run (`--methods`): {', '.join(missing)}."]
         better = [meth for meth, v in m["table1"].items() if v["subnet"]["err"] < v["full"]["err"]]
         lines += ["", f"Subnet error lower than full for {len(better)} of {len(m['table1'])} methods "
                   f"({', '.join(METHOD_LABELS[x] for x in better) or 'none'}); the paper: 6 of 6 (VGG-16), "

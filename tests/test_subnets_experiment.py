@@ -9,7 +9,7 @@ import pytest
 from experiments.subnets import (METHODS, Config, closed_points, command, cosine_dissimilarity, embed_2d, main,
                                  report, run, run_label, separability, within_between)
 
-STAGES = ("subnets", "auc", "seeds", "seed_embedding", "features", "feature_embedding", "localize", "grid")
+STAGES = ("subnets", "auc", "seeds", "seed_embedding", "features", "feature_embedding", "grid", "localize")
 
 
 def test_config_validates_every_field():
@@ -147,3 +147,11 @@ def test_subnets_experiment_end_to_end_resumes_and_refuses_other_arguments(share
     assert again["timings"]["total"]["subnets_resnet20"] >= res["timings"]["total"]["subnets_resnet20"]
     with pytest.raises(ValueError, match="other arguments"):
         run(Config(**{**cfg.__dict__, "seed": 1}), out, log=lambda m: None)
+    # another method list reuses the cache: only the new method's grid and table row are computed
+    more = run(Config(**{**cfg.__dict__, "methods": ("gradient", "grad_cam")}), out, log=lambda m: None)
+    assert list(more["models"]["resnet20"]["table1"]) == ["gradient", "grad_cam"]
+    assert more["models"]["resnet20"]["table1"]["gradient"] == m["table1"]["gradient"]
+    assert sum(v for k, v in more["timings"]["this_run"].items()
+               if k not in ("data", "grid_resnet20", "localize_resnet20")) < 5
+    assert "Not in this run (`--methods`): Deconvnet, Guided BP, Integrated gradients, SmoothGrad." in \
+        (out / "README.md").read_text()

@@ -85,6 +85,8 @@ def test_cache_dir_resumes_chunk_by_chunk_with_the_same_result(digits, tmp_path)
         localize(model, xtr, ytr, xte, yte, subnets=gates * 0.5, cache_dir=cache, chunk=4, **kw)
     with pytest.raises(ValueError, match="key"):
         localize(model, xtr, ytr, xte, yte, subnets=gates, cache_dir=cache, chunk=4, **{**kw, "key": jax.random.key(3)})
+    with pytest.raises(ValueError, match="canvases"):
+        localize(model, xtr, ytr, xte[::-1], yte[::-1], subnets=gates, cache_dir=cache, chunk=4, **kw)
     other = model.with_variables(jax.tree_util.tree_map(lambda v: v * 1.01, model.variables))
     with pytest.raises(ValueError, match="weights"):
         localize(other, xtr, ytr, xte, yte, subnets=gates, cache_dir=cache, chunk=4, **kw)

@@ -35,7 +35,8 @@ scores (:func:`~jaxroute.explain.localization.canvas_scores`: the error at every
 α and the energy in box, a few hundred bytes a canvas) of every ``chunk``
 canvases in ``cache_dir/<method>-<variant>/`` as soon as they are computed,
 beside the arguments they depend on (``config.json``: model weights, gates,
-key, canvas counts, method config; a folder of other arguments is refused).
+canvases and boxes, key, counts, method config; a folder of other arguments
+is refused).
 A killed run started again explains only the canvases it had not finished,
 with the same result.
 """
@@ -149,6 +150,14 @@ def localize(model, train_images, train_labels, test_images, test_labels, *, met
     index_test = np.arange(n_train, n_train + n_test, dtype=np.int32)
 
     variants = {"full": None} if subnets is None else {"full": None, "subnet": subnets}
+    if cache_dir is not None:
+        from jaxroute.utils.cache import check_cache_config, fingerprint
+
+        # what every method's cached scores depend on, besides the method's config and gates
+        common = {"model": model.name, "weights": fingerprint(jax.tree_util.tree_leaves(model.variables)),
+                  "canvases": fingerprint([train.canvases, train.boxes, test.canvases, test.boxes]),
+                  "key": np.asarray(jax.random.key_data(key)).tolist(), "n_train": n_train, "n_test": n_test,
+                  "canvas_shape": list(shape), "chunk": chunk}
     result: dict[str, dict] = {}
     for method in methods:
         result[method] = {}
@@ -162,15 +171,10 @@ def localize(model, train_images, train_labels, test_images, test_labels, *, met
 
             folder = None
             if cache_dir is not None:
-                from jaxroute.utils.cache import check_cache_config, fingerprint
-
                 folder = Path(cache_dir) / f"{method}-{variant}"
                 folder.mkdir(parents=True, exist_ok=True)
-                check_cache_config(folder, {
-                    "model": model.name, "weights": fingerprint(jax.tree_util.tree_leaves(model.variables)),
-                    "gates": None if gates is None else fingerprint([gates]),
-                    "key": np.asarray(jax.random.key_data(key)).tolist(), "n_train": n_train, "n_test": n_test,
-                    "canvas_shape": list(shape), "config": dataclasses.asdict(configs[method]), "chunk": chunk})
+                check_cache_config(folder, {**common, "gates": None if gates is None else fingerprint([gates]),
+                                            "config": dataclasses.asdict(configs[method])})
             parts = [_scores(maps, ps, index, part, folder, chunk, log and (lambda m: log(f"{method} ({variant}) {m}")))
                      for ps, index, part in ((train, index_train, "train"), (test, index_test, "test"))]
             result[method][variant] = evaluate_scores(*parts)

@@ -17,7 +17,7 @@ from jaxroute.dissection import (BrodenError, DissectConfig, Record, read_broden
 import importlib
 
 dissect_mod = importlib.import_module("jaxroute.dissection.dissect")
-from jaxroute.dissection.concepts import COLOR_NAMES, TEXTURE_NAMES, build_concepts, iou_caps, texture_pattern
+from jaxroute.dissection.concepts import COLOR_NAMES, TEXTURE_NAMES, build_concepts, texture_pattern
 from jaxroute.training import domain
 
 CATS = ("object", "part", "texture", "color")

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from jaxroute.explain import (
-    METHODS, GradCAMConfig, IGConfig, SmoothGradConfig, explain, explanation_outputs, grad_cam_layer, grad_cam_map,
+    GradCAMConfig, IGConfig, SmoothGradConfig, explain, explanation_outputs, grad_cam_layer, grad_cam_map,
     integrated_gradients, class_gates, smoothgrad_noise,
 )
 from jaxroute.models import GatedModel, create_model, default_meta

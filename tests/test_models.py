@@ -527,7 +527,6 @@ ERROR_MODELS = ["resnet20", "vgg16_bn_cifar", "alexnet", "resnet18", "digits_cnn
 
 @pytest.mark.parametrize("name", ERROR_MODELS)
 def test_wrong_gate_name(name):
-    model, v = create_model(name), variables_for(name)
     spec = spec_for(name)
     g = ones_gates(spec)
     g["not.a.point"] = jnp.ones(3)
@@ -537,7 +536,6 @@ def test_wrong_gate_name(name):
 
 @pytest.mark.parametrize("name", ERROR_MODELS)
 def test_missing_gate_name(name):
-    model, v = create_model(name), variables_for(name)
     spec = spec_for(name)
     g = ones_gates(spec)
     gone = spec.names[1]
@@ -548,7 +546,6 @@ def test_missing_gate_name(name):
 
 @pytest.mark.parametrize("name", ERROR_MODELS)
 def test_wrong_channel_count(name):
-    model, v = create_model(name), variables_for(name)
     spec = spec_for(name)
     point, c = spec.names[-1], spec.channels[-1]
     for bad in (jnp.ones(c + 1), jnp.ones((BATCH, c - 1)), jnp.ones((BATCH + 1, c)), jnp.ones((1, 1, c))):
@@ -561,7 +558,6 @@ def test_wrong_channel_count(name):
 
 
 def test_gates_not_a_dict():
-    model, v = create_model("resnet20"), variables_for("resnet20")
     with pytest.raises(TypeError, match="dict"):
         trace("resnet20", images("resnet20"), jnp.ones(688))
 
@@ -591,7 +587,6 @@ def test_integer_input_rejected(name):
 
 def test_vgg16_bn_cifar_rejects_other_sizes():
     """Its classifier takes 512x1x1 features: a 64 px image cannot fit the 32 px weights."""
-    model, v = create_model("vgg16_bn_cifar"), variables_for("vgg16_bn_cifar")
     with pytest.raises(Exception):
         trace("vgg16_bn_cifar", jnp.zeros((1, 64, 64, 3)))
 

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from jaxroute.data.paste import compose, mosaic_grid, paste_set
-from jaxroute.explain.localization import (ALPHAS, best_alpha, box_iou, energy_in_box, error_rates,
-                                           evaluate_localization, localization_errors, threshold_box)
+from jaxroute.explain.localization import (ALPHAS, box_iou, canvas_scores, energy_in_box,
+                                           evaluate_localization, evaluate_scores, localization_errors,
+                                           threshold_box)
 
 
 # --------------------------------------------------------------------------- paste set
@@ -117,13 +118,14 @@ def test_alpha_search_and_errors_known_answers():
     # mean = (1024 + 3072 * 0.3) / 4096 ~ 0.475: alpha <= 0.5 keeps the whole canvas (IoU 0.25, error),
     # alpha in [1, 2] keeps exactly the box (IoU 1), alpha >= 2.5 keeps nothing (error)
     maps, boxes = synthetic_maps(jax.random.key(0), 40, 0.3)
-    rates = np.asarray(error_rates(maps, boxes))
+    scores = canvas_scores(maps, boxes)
+    rates = np.mean(np.asarray(scores["errors"]), axis=0)
     assert len(rates) == len(ALPHAS) == 21 and ALPHAS[0] == 0 and ALPHAS[-1] == 10
     np.testing.assert_array_equal(rates[:2], 1.0)
     np.testing.assert_array_equal(rates[2:5], 0.0)
     np.testing.assert_array_equal(rates[5:], 1.0)
-    alpha, err = best_alpha(maps, boxes)
-    assert float(alpha) == 1.0 and float(err) == 0.0  # ties go to the smallest alpha
+    res = evaluate_scores(scores, scores)
+    assert res["alpha_star"] == 1.0 and res["train_err"] == 0.0  # ties go to the smallest alpha
     assert not np.any(localization_errors(maps, boxes, 1.5))
     shift = np.where(boxes[:, 1] <= 16, 16, -16)[:, None] * np.array([0, 1, 0, 1])
     assert np.all(localization_errors(maps, boxes + shift, 1.0))  # half-overlapping boxes: IoU 1/3 < 0.5

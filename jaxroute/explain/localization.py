@@ -60,20 +60,6 @@ def localization_errors(maps: jax.Array, boxes: jax.Array, alpha) -> jax.Array:
     return box_iou(threshold_box(maps, alpha), boxes) < IOU_THRESHOLD
 
 
-def error_rates(maps: jax.Array, boxes: jax.Array, alphas=ALPHAS) -> jax.Array:
-    """Error rate of every α of ``alphas``: (A,)."""
-    alphas = jnp.asarray(alphas, jnp.asarray(maps).dtype)
-    return jax.vmap(lambda a: jnp.mean(localization_errors(maps, boxes, a)))(alphas)
-
-
-def best_alpha(maps: jax.Array, boxes: jax.Array, alphas=ALPHAS) -> tuple[jax.Array, jax.Array]:
-    """(α*, its error rate): the α of ``alphas`` with the lowest error on these maps (ties: the first)."""
-    alphas = jnp.asarray(alphas, jnp.asarray(maps).dtype)
-    rates = error_rates(maps, boxes, alphas)
-    i = jnp.argmin(rates)
-    return alphas[i], rates[i]
-
-
 def energy_in_box(maps: jax.Array, boxes: jax.Array) -> jax.Array:
     """Fraction of each map's mass inside its box: (N, H, W), (N, 4) -> (N,); 0 for an all-zero map."""
     maps, boxes = jnp.asarray(maps), jnp.asarray(boxes)

@@ -98,6 +98,23 @@ def run_jax(model, method, x, y, gates, batch, repeats, devices):
     return statistics.median(times), compile_s, maps
 
 
+def flops_per_map(model, method, x, y, gates) -> float:
+    """Floating-point operations of one map, from XLA's cost analysis of the compiled program.  IG's
+    and SmoothGrad's points run as one batch here because the analysis counts a loop body once; the
+    arithmetic is the same either way.  The libraries do the same arithmetic (their maps agree), so
+    the count turns both maps/s into arithmetic rates."""
+    import jax
+
+    from jaxroute.explain import explain
+    from jaxroute.explain.methods import IGConfig, SmoothGradConfig
+
+    config = {"integrated_gradients": IGConfig(batch_steps=IGConfig().steps),
+              "smoothgrad": SmoothGradConfig(batch_samples=SmoothGradConfig().samples)}.get(method)
+    key = jax.random.split(jax.random.key(0), len(x))
+    fn = jax.jit(lambda xb, tb, gb, kb: explain(model, gb, xb, tb, method=method, config=config, key=kb).maps)
+    return float(fn.lower(x, y.astype(np.int32), gates, key).compile().cost_analysis()["flops"]) / len(x)
+
+
 def run_captum(tm, method, x, y, gates, batch, repeats):
     import captum.attr as ca
     import torch
@@ -230,20 +247,26 @@ def main(argv=None) -> int:
             tj, cj, mj = run_jax(model, m, x, y, gates, args.batch, args.repeats, devices)
             tc, mc = run_captum(tm, m, x, y, gates, args.batch, args.repeats)
             diff = float(np.abs(mj - mc).max() / max(np.abs(mc).max(), 1e-30))
+            flops = flops_per_map(model, m, x[:args.batch], y[:args.batch],
+                                  None if gates is None else gates[:args.batch])
             row = {"method": m, "gated": gated, "jax_s": tj, "jax_compile_s": cj, "captum_s": tc,
                    "jax_maps_per_s": len(x) / tj, "captum_maps_per_s": len(x) / tc, "ratio": tc / tj,
-                   "max_rel_diff": diff}
+                   "max_rel_diff": diff, "mflop_per_map": flops / 1e6,
+                   "jax_gflop_per_s": flops * len(x) / tj / 1e9, "captum_gflop_per_s": flops * len(x) / tc / 1e9}
             rows.append(row)
             print(f"[{m}{' gated' if gated else ''}] {row}", file=sys.stderr, flush=True)
 
     if rows:
-        print("| method | weights | jaxroute maps/s (compile s) | Captum maps/s | jaxroute / Captum | max |diff| / max |map| |")
-        print("|---|---|---:|---:|---:|---:|")
+        print("| method | weights | jaxroute maps/s (compile s) | Captum maps/s | jaxroute / Captum | MFLOP per map "
+              "| GFLOP/s jaxroute, Captum | max |diff| / max |map| |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|")
         for r in rows:
             print(f"| {r['method']} | {'class gates' if r['gated'] else 'full'} | {r['jax_maps_per_s']:.1f} "
                   f"({r['jax_compile_s']:.1f}) | {r['captum_maps_per_s']:.1f} | {r['ratio']:.2f}× | "
+                  f"{r['mflop_per_map']:.1f} | {r['jax_gflop_per_s']:.1f}, {r['captum_gflop_per_s']:.1f} | "
                   f"{r['max_rel_diff']:.1e} |")
-        print(f"\nTimes for all {len(x)} images, median of {args.repeats} runs, JAX compile excluded.")
+        print(f"\nTimes for all {len(x)} images, median of {args.repeats} runs, JAX compile excluded. FLOP per map: "
+              "XLA's cost analysis of jaxroute's compiled program (the same arithmetic in both libraries).")
     subnets = None
     if args.subnet_images:
         subnets = run_subnets(model, args.subnet_images, args.repeats)

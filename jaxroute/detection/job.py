@@ -55,6 +55,10 @@ DETECTORS = ("kd_pu", "lid", "mahalanobis", "subnet", "cdrp")
 # the classifiers the cdrp detector may use in the protocol (the others use its logistic regression)
 CDRP_CLASSIFIERS = ("logistic", "random_forest", "adaboost", "gradient_boosting")
 ATTACK_NAMES = ("fgsm", "bim", "deepfool", "cw")
+# detectors that read no extracted features (a run of only these extracts none)
+FEATURELESS = frozenset({"cdrp"})
+# the result keys that repeat a detector's chosen candidates under the name of what is chosen
+CHOSEN_AS = {"mahalanobis": "chosen_eps", "lid": "chosen_k"}
 
 
 def protocol_configs() -> dict:
@@ -197,6 +201,120 @@ def cdrp_characteristics(model, images, config=None, batch_size: int = 100, prog
     return np.asarray(map_batches(fn, (np.asarray(images, np.float32),), batch_size))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Sets:
+    """What every detector's characteristics are computed from in one :func:`run_detection`: the
+    attacks, the clean test images and labels, each attack's twins (``adv``) and selected rows
+    (``sel``), the extracted features (``feats``) and the cache folder."""
+
+    attacks: tuple
+    labels: np.ndarray
+    test_images: np.ndarray
+    adv: dict
+    sel: dict
+    feats: dict
+    points: tuple
+    out: Path
+    log: Callable
+
+    def scores(self, name: str, setting: Mapping, compute: Callable[[], dict]) -> dict:
+        """:func:`cached_scores`, logging the time of what is computed."""
+        def run():
+            t = time.perf_counter()
+            res = compute()
+            self.log(f"scores {name}: {time.perf_counter() - t:.1f} s")
+            return res
+        return cached_scores(self.out, name, setting, run)
+
+    def per_attack(self, name: str, setting: Mapping, score: Callable, clean: np.ndarray) -> dict:
+        """``{attack: {adv, clean, noisy}}``: ``score(images)`` of each attack's selected adversarial and
+        noisy twins, and the selected rows of ``clean`` (the clean test images' characteristics)."""
+        return {a: self.scores(f"{name}-{a}", setting, lambda a=a, i=self.sel[a]: {
+            "adv": score(self.adv[a]["adv"][i]), "clean": clean[i], "noisy": score(self.adv[a]["noisy"][i])})
+            for a in self.attacks}
+
+
+def _gaussian_characteristics(sets: _Sets, name: str, scorer, train_feats: dict, setting: dict, epsilons) -> dict:
+    """Mahalanobis (or subnet Mahalanobis) layer scores at every ε: ``{attack: {"eps=ε": (adv, clean, noisy)}}``."""
+    from jaxroute.detection.features import load_features
+
+    scorer.fit(load_features(train_feats, sets.points), train_feats["label"])
+    clean = sets.scores(f"{name}-clean", {**setting, "n": len(sets.labels)},
+                        lambda: {"clean": scorer.score(sets.test_images)})["clean"]
+    return {a: {f"eps={e:g}": (s["adv"][:, :, k], s["clean"][:, :, k], s["noisy"][:, :, k])
+                for k, e in enumerate(epsilons)}
+            for a, s in sets.per_attack(name, setting, scorer.score, clean).items()}
+
+
+def _lid_characteristics(sets: _Sets, cfg) -> dict:
+    """LID layer estimates at every k, each query against the clean mini-batch of the selected images
+    it falls in (not shared between attacks): ``{attack: {"k=k": (adv, clean, noisy)}}``."""
+    from jaxroute.detection.features import load_features
+    from jaxroute.detection.lid import lid_features
+
+    def rows(set_name, i):
+        return [f[i] for f in load_features(sets.feats[set_name], sets.points)]
+
+    chars = {}
+    for a in sets.attacks:
+        i = sets.sel[a]
+
+        def compute(a=a, i=i):
+            c, ad, no = lid_features(rows("clean", i), [rows(f"{a}-{k}", i) for k in ("adv", "noisy")], cfg)
+            return {"adv": ad, "clean": c, "noisy": no}
+        s = sets.scores(f"lid-{a}", {"ks": cfg.ks, "rule": cfg.drop_first, "batch": cfg.batch_size}, compute)
+        chars[a] = {f"k={k}": (s["adv"][:, :, j], s["clean"][:, :, j], s["noisy"][:, :, j])
+                    for j, k in enumerate(cfg.ks)}
+    return chars
+
+
+def _kd_pu_characteristics(sets: _Sets, model, cfg, batch_size: int, seed: int) -> dict:
+    """Kernel density and predictive uncertainty, z-scored: ``{attack: {"-": (adv, clean, noisy)}}``."""
+    import jax
+
+    from jaxroute.detection.density import KernelDensity, uncertainty, zscore
+
+    feats = sets.feats
+    kd = KernelDensity(cfg.bandwidth).fit(feats["train"]["penultimate"], feats["train"]["label"])
+    key = jax.random.key(seed + 1)
+    setting = {"bandwidth": cfg.bandwidth, "passes": cfg.passes, "keep": cfg.keep}
+
+    def kd_pu_of(f, imgs, k):
+        dens = kd.score(f["penultimate"], np.argmax(f["logits"], -1))
+        unc = uncertainty(model, imgs, jax.random.fold_in(key, k), cfg, batch_size)
+        return np.stack([dens, unc], 1)
+
+    # stream 1: the clean images (the adversarial and noisy twins of attack j use 2j + 2, 2j + 3)
+    clean = sets.scores("kd_pu-clean", {**setting, "n": len(sets.labels)},
+                        lambda: {"clean": kd_pu_of(feats["clean"], sets.test_images, 1)})["clean"]
+    chars = {}
+    for a in sets.attacks:
+        i, j = sets.sel[a], ATTACK_NAMES.index(a)
+
+        def compute(a=a, i=i, j=j):
+            rows = {k: {n: v[i] for n, v in feats[f"{a}-{k}"].items() if n in ("penultimate", "logits")}
+                    for k in ("adv", "noisy")}
+            return {"adv": kd_pu_of(rows["adv"], sets.adv[a]["adv"][i], 2 * j + 2), "clean": clean[i],
+                    "noisy": kd_pu_of(rows["noisy"], sets.adv[a]["noisy"][i], 2 * j + 3)}
+        s = sets.scores(f"kd_pu-{a}", setting, compute)
+        chars[a] = {"-": tuple(zscore(s["adv"], s["clean"], s["noisy"]))}
+    return chars
+
+
+def _cdrp_characteristics(sets: _Sets, model, cfg, batch_size: int) -> dict:
+    """DGR routing paths (one compiled program for every set): ``{attack: {"-": (adv, clean, noisy)}}``."""
+    setting = {"dgr": dataclasses.asdict(cfg)}
+    program = cdrp_program(model, cfg)
+
+    def cdrps(images):
+        return cdrp_characteristics(model, images, cfg, batch_size, program)
+
+    clean = sets.scores("cdrp-clean", {**setting, "n": len(sets.labels)},
+                        lambda: {"clean": cdrps(sets.test_images)})["clean"]
+    return {a: {"-": (s["adv"], s["clean"], s["noisy"])}
+            for a, s in sets.per_attack("cdrp", setting, cdrps, clean).items()}
+
+
 def run_detection(model, test, train, *, out, attacks: Sequence[str] = ATTACK_NAMES,
                   detectors: Sequence[str] = ("kd_pu", "lid", "mahalanobis"), mahalanobis=None, lid=None,
                   kd_pu=None, subnets=None, dgr=None, cdrp_classifier: str = "logistic", runs: int = 1,
@@ -245,12 +363,10 @@ def run_detection(model, test, train, *, out, attacks: Sequence[str] = ATTACK_NA
     ``cdrp`` also ``cdrp_classifier`` and ``dgr``, the config); also
     written to ``out/result.json``.
     """
-    import jax
-
     from jaxroute.data import Dataset
-    from jaxroute.detection.density import KDPUConfig, KernelDensity, uncertainty, zscore
-    from jaxroute.detection.features import load_features, stage_points
-    from jaxroute.detection.lid import LIDConfig, lid_features
+    from jaxroute.detection.density import KDPUConfig
+    from jaxroute.detection.features import stage_points
+    from jaxroute.detection.lid import LIDConfig
     from jaxroute.detection.mahalanobis import MahalanobisConfig, MahalanobisScorer, SubnetMahalanobisScorer
     from jaxroute.detection.protocol import MIN_SELECTED, LogisticDetector, run_protocol, select
     from jaxroute.routing.dgr import DGRConfig
@@ -290,8 +406,7 @@ def run_detection(model, test, train, *, out, attacks: Sequence[str] = ATTACK_NA
         log(f"features {name}: {len(set_labels)} images, {time.perf_counter() - t:.1f} s")
         return res
 
-    # the cdrp detector reads no extracted features: a cdrp-only run extracts none
-    with_features = bool(set(detectors) - {"cdrp"})
+    with_features = bool(set(detectors) - FEATURELESS)
     feats = {}
     if with_features:
         feats["train"] = features("train", train.images, train.labels, train_job)
@@ -315,88 +430,24 @@ def run_detection(model, test, train, *, out, attacks: Sequence[str] = ATTACK_NA
                              f"adversarial-wrong; the protocol needs at least {MIN_SELECTED} (use more images)")
         log(f"{a}: {len(sel[a])} of {len(labels)} images selected")
 
-    def timed(name, setting, compute):
-        def run():
-            t = time.perf_counter()
-            res = compute()
-            log(f"scores {name}: {time.perf_counter() - t:.1f} s")
-            return res
-        return cached_scores(out, name, setting, run)
+    sets = _Sets(attacks, labels, test_images, adv, sel, feats, points, out, log)
+    characteristics = {
+        "mahalanobis": lambda: _gaussian_characteristics(
+            sets, "mahalanobis", MahalanobisScorer(model, points, mcfg, batch_size=batch_size), feats["train"],
+            {"epsilons": mcfg.epsilons, "shrinkage": mcfg.shrinkage}, mcfg.epsilons),
+        "subnet": lambda: _gaussian_characteristics(
+            sets, "subnet", SubnetMahalanobisScorer(model, points, gates, mcfg, batch_size=batch_size),
+            feats["train-subnet"], {"epsilons": mcfg.epsilons, "shrinkage": mcfg.shrinkage,
+                                    "subnets": gates_id(gates)}, mcfg.epsilons),
+        "lid": lambda: _lid_characteristics(sets, lcfg),
+        "kd_pu": lambda: _kd_pu_characteristics(sets, model, kcfg, batch_size, seed),
+        "cdrp": lambda: _cdrp_characteristics(sets, model, dcfg, batch_size),
+    }
+    chars = {d: compute() for d, compute in characteristics.items() if d in detectors}
 
-    chars: dict = {d: {} for d in detectors}
-    for d in ("mahalanobis", "subnet"):
-        if d not in detectors:
-            continue
-        setting = {"epsilons": mcfg.epsilons, "shrinkage": mcfg.shrinkage}
-        if d == "mahalanobis":
-            scorer, train_feats = MahalanobisScorer(model, points, mcfg, batch_size=batch_size), feats["train"]
-        else:
-            scorer = SubnetMahalanobisScorer(model, points, gates, mcfg, batch_size=batch_size)
-            train_feats, setting["subnets"] = feats["train-subnet"], gates_id(gates)
-        scorer.fit(load_features(train_feats, points), train_feats["label"])
-        clean = timed(f"{d}-clean", {**setting, "n": len(labels)}, lambda: {"clean": scorer.score(test_images)})
-        for a in attacks:
-            i = sel[a]
-            s = timed(f"{d}-{a}", setting, lambda a=a, i=i: {
-                "adv": scorer.score(adv[a]["adv"][i]), "clean": clean["clean"][i],
-                "noisy": scorer.score(adv[a]["noisy"][i])})
-            chars[d][a] = {f"eps={e:g}": (s["adv"][:, :, k], s["clean"][:, :, k], s["noisy"][:, :, k])
-                           for k, e in enumerate(mcfg.epsilons)}
-    if "lid" in detectors:
-        for a in attacks:
-            i = sel[a]
-
-            def compute(a=a, i=i):
-                c, ad, no = lid_features([f[i] for f in load_features(feats["clean"], points)],
-                                         [[f[i] for f in load_features(feats[f"{a}-{k}"], points)]
-                                          for k in ("adv", "noisy")], lcfg)
-                return {"adv": ad, "clean": c, "noisy": no}
-            s = timed(f"lid-{a}", {"ks": lcfg.ks, "rule": lcfg.drop_first, "batch": lcfg.batch_size}, compute)
-            chars["lid"][a] = {f"k={k}": (s["adv"][:, :, j], s["clean"][:, :, j], s["noisy"][:, :, j])
-                               for j, k in enumerate(lcfg.ks)}
-    if "kd_pu" in detectors:
-        kd = KernelDensity(kcfg.bandwidth).fit(feats["train"]["penultimate"], feats["train"]["label"])
-        key = jax.random.key(seed + 1)
-        setting = {"bandwidth": kcfg.bandwidth, "passes": kcfg.passes, "keep": kcfg.keep}
-
-        def kd_pu_of(f, imgs, k):
-            dens = kd.score(f["penultimate"], np.argmax(f["logits"], -1))
-            unc = uncertainty(model, imgs, jax.random.fold_in(key, k), kcfg, batch_size)
-            return np.stack([dens, unc], 1)
-
-        # stream 1: the clean images (the adversarial and noisy twins of attack j use 2j + 2, 2j + 3)
-        clean = timed("kd_pu-clean", {**setting, "n": len(labels)},
-                      lambda: {"clean": kd_pu_of(feats["clean"], test_images, 1)})
-        for a in attacks:
-            i = sel[a]
-
-            def compute(a=a, i=i):
-                rows = {k: {n: v[i] for n, v in feats[f"{a}-{k}"].items() if n in ("penultimate", "logits")}
-                        for k in ("adv", "noisy")}
-                return {"adv": kd_pu_of(rows["adv"], adv[a]["adv"][i], 2 * ATTACK_NAMES.index(a) + 2),
-                        "clean": clean["clean"][i],
-                        "noisy": kd_pu_of(rows["noisy"], adv[a]["noisy"][i], 2 * ATTACK_NAMES.index(a) + 3)}
-            s = timed(f"kd_pu-{a}", setting, compute)
-            z = zscore(s["adv"], s["clean"], s["noisy"])
-            chars["kd_pu"][a] = {"-": tuple(z)}
-    if "cdrp" in detectors:
-        setting = {"dgr": dataclasses.asdict(dcfg)}
-        program = cdrp_program(model, dcfg)          # compiled once: every set runs in batches of batch_size
-
-        def cdrps(images):
-            return cdrp_characteristics(model, images, dcfg, batch_size, program)
-
-        clean = timed("cdrp-clean", {**setting, "n": len(labels)}, lambda: {"clean": cdrps(test_images)})
-        for a in attacks:
-            i = sel[a]
-            s = timed(f"cdrp-{a}", setting, lambda a=a, i=i: {
-                "adv": cdrps(adv[a]["adv"][i]), "clean": clean["clean"][i], "noisy": cdrps(adv[a]["noisy"][i])})
-            chars["cdrp"][a] = {"-": (s["adv"], s["clean"], s["noisy"])}
-
-    result = {"n_selected": {a: int(len(sel[a])) for a in attacks}, "unknown": {}, "chosen": {}, "chosen_eps": {},
-              "chosen_k": {},
-              "runs": runs, "lid_rule": (lid or LIDConfig()).drop_first,
-              "points": list(points)}
+    result = {"n_selected": {a: int(len(sel[a])) for a in attacks}, "unknown": {}, "chosen": {},
+              **{key: {} for key in CHOSEN_AS.values()},
+              "runs": runs, "lid_rule": (lid or LIDConfig()).drop_first, "points": list(points)}
     if "cdrp" in detectors:
         result["cdrp_classifier"], result["dgr"] = cdrp_classifier, dataclasses.asdict(dcfg)
     for d in detectors:
@@ -410,10 +461,8 @@ def run_detection(model, test, train, *, out, attacks: Sequence[str] = ATTACK_NA
         result[f"{d}_std"] = {a: v["std"] for a, v in res["known"].items()}
         result["unknown"][d] = {a: v["mean"] for a, v in res["unknown"].items()}
         result["chosen"][d] = {a: v["chosen"] for a, v in res["known"].items()}
-        if d == "mahalanobis":
-            result["chosen_eps"] = {a: v["chosen"] for a, v in res["known"].items()}
-        if d == "lid":
-            result["chosen_k"] = {a: v["chosen"] for a, v in res["known"].items()}
+        if d in CHOSEN_AS:
+            result[CHOSEN_AS[d]] = result["chosen"][d]
     (out / "result.json").write_text(json.dumps(result, indent=1, sort_keys=True))
     return result
 

@@ -341,26 +341,26 @@ def run(cfg: Config, out, log: Callable[[str], object] = print, tsne: bool = Tru
     advs["train_perm"] = adv_set("train_perm", train.images, train.labels, perm[train.labels],
                                  np.arange(len(train.labels)))
     route("train_perm", advs["train_perm"]["images"], train.labels, str(adv_dir), "train_perm", None)
+    variants = []  # (name, attack config, also routed with the real twin's momentum)
     if cfg.bounded:
         # eps-ball-bounded variant (torchattacks BIM semantics): step eps/steps, L-inf <= eps
-        bounded = BIMConfig(eps=cfg.eps, steps=cfg.attack_steps, alpha=cfg.eps / cfg.attack_steps)
-        for split, ds in (("test", test), ("train", train)):
-            name = f"{split}_bounded"
-            advs[name] = adv_set(name, ds.images, ds.labels, perm[ds.labels], np.arange(len(ds.labels)),
-                                 config=bounded)
-            route(name, advs[name]["images"], ds.labels, str(adv_dir), name, None)
+        variants.append(("bounded", BIMConfig(eps=cfg.eps, steps=cfg.attack_steps, alpha=cfg.eps / cfg.attack_steps),
+                         False))
     if cfg.official_scale:
         # the official release's attack: step eps on the ImageNet-normalised input, clamped to the image's own
-        # normalised [min, max] (eps * std ~ 0.00226 in pixels per step)
-        official = BIMConfig(eps=cfg.eps, steps=cfg.attack_steps, normalization=(model.meta.mean, model.meta.std))
+        # normalised [min, max] (eps * std ~ 0.00226 in pixels per step); the release routes the adversarial
+        # right after its real twin with one optimizer, hence the carried-momentum routing
+        variants.append(("official", BIMConfig(eps=cfg.eps, steps=cfg.attack_steps,
+                                               normalization=(model.meta.mean, model.meta.std)),
+                         cfg.carried_momentum))
+    for variant, config, carried in variants:
         for split, ds in (("test", test), ("train", train)):
-            name = f"{split}_official"
+            name = f"{split}_{variant}"
             advs[name] = adv_set(name, ds.images, ds.labels, perm[ds.labels], np.arange(len(ds.labels)),
-                                 config=official)
+                                 config=config)
             route(name, advs[name]["images"], ds.labels, str(adv_dir), name, None)
-            if cfg.carried_momentum:
-                # the official release routes the adversarial right after its real twin with one optimizer
-                route(f"{split}_officialcarried", advs[name]["images"], ds.labels, str(adv_dir), name, None,
+            if carried:
+                route(f"{split}_{variant}carried", advs[name]["images"], ds.labels, str(adv_dir), name, None,
                       momentum_from=ds.images)
 
     # ---- analyses

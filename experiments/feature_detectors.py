@@ -415,7 +415,8 @@ DEVIATIONS = (
     "left out, which gives the distances of the reference's pseudo-inverse; the pre-processing step is formed in "
     "pixels (the reference divides by the normalisation std, the same step).",
     "Protocol: the reference's block split on a fixed permutation, reshuffled `runs` times (below; the AUROCs are "
-    "the mean over the splits); the unknown-attack half reuses the candidate (ε / k) and the regression chosen and fitted on FGSM.",
+    "the mean over the splits); the unknown-attack half reuses the candidate (ε / k) and the regression chosen "
+    "and fitted on FGSM.",
     "Not included: \"Ours\" unless class subnetworks are given (`--subnets`); the CDRP row unless asked for "
     "(`--cdrp`); the DGR paper's own CDRP detectors (tree ensembles on real and targeted-adversarial CDRPs, "
     "`reports/cdrp`), whose protocol differs from this one.",

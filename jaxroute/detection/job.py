@@ -234,15 +234,16 @@ class _Sets:
             for a in self.attacks}
 
 
-def _gaussian_characteristics(sets: _Sets, name: str, scorer, train_feats: dict, setting: dict, epsilons) -> dict:
-    """Mahalanobis (or subnet Mahalanobis) layer scores at every ε: ``{attack: {"eps=ε": (adv, clean, noisy)}}``."""
+def _gaussian_characteristics(sets: _Sets, name: str, scorer, train_feats: dict, setting: dict) -> dict:
+    """Mahalanobis (or subnet Mahalanobis) layer scores at every ε of ``setting["epsilons"]`` (the
+    cached files' setting): ``{attack: {"eps=ε": (adv, clean, noisy)}}``."""
     from jaxroute.detection.features import load_features
 
     scorer.fit(load_features(train_feats, sets.points), train_feats["label"])
     clean = sets.scores(f"{name}-clean", {**setting, "n": len(sets.labels)},
                         lambda: {"clean": scorer.score(sets.test_images)})["clean"]
     return {a: {f"eps={e:g}": (s["adv"][:, :, k], s["clean"][:, :, k], s["noisy"][:, :, k])
-                for k, e in enumerate(epsilons)}
+                for k, e in enumerate(setting["epsilons"])}
             for a, s in sets.per_attack(name, setting, scorer.score, clean).items()}
 
 
@@ -431,14 +432,14 @@ def run_detection(model, test, train, *, out, attacks: Sequence[str] = ATTACK_NA
         log(f"{a}: {len(sel[a])} of {len(labels)} images selected")
 
     sets = _Sets(attacks, labels, test_images, adv, sel, feats, points, out, log)
+    gaussian = {"epsilons": mcfg.epsilons, "shrinkage": mcfg.shrinkage} if mcfg else None
     characteristics = {
         "mahalanobis": lambda: _gaussian_characteristics(
             sets, "mahalanobis", MahalanobisScorer(model, points, mcfg, batch_size=batch_size), feats["train"],
-            {"epsilons": mcfg.epsilons, "shrinkage": mcfg.shrinkage}, mcfg.epsilons),
+            gaussian),
         "subnet": lambda: _gaussian_characteristics(
             sets, "subnet", SubnetMahalanobisScorer(model, points, gates, mcfg, batch_size=batch_size),
-            feats["train-subnet"], {"epsilons": mcfg.epsilons, "shrinkage": mcfg.shrinkage,
-                                    "subnets": gates_id(gates)}, mcfg.epsilons),
+            feats["train-subnet"], {**gaussian, "subnets": gates_id(gates)}),
         "lid": lambda: _lid_characteristics(sets, lcfg),
         "kd_pu": lambda: _kd_pu_characteristics(sets, model, kcfg, batch_size, seed),
         "cdrp": lambda: _cdrp_characteristics(sets, model, dcfg, batch_size),

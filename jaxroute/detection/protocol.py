@@ -25,6 +25,7 @@
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Mapping, Sequence
 
 import jax
@@ -84,6 +85,19 @@ def tnr_at_tpr95(y, s) -> float:
 CV_FOLDS = 5   # LogisticRegressionCV's default folds, as the reference code
 
 
+def _reference_defaults() -> dict:
+    """The reference's ``LogisticRegressionCV`` defaults spelled out: an L2 penalty picked by accuracy.
+    scikit-learn 1.9 warns on every fit that these defaults will change (its ``"warn"`` sentinels); naming
+    them keeps today's fit and the job's output free of thousands of FutureWarnings."""
+    params = inspect.signature(LogisticRegressionCV).parameters
+    spelled = {"l1_ratios": (0.0,), "use_legacy_attributes": False}   # only where the sentinel exists
+    return {"scoring": "accuracy",
+            **{k: v for k, v in spelled.items() if k in params and params[k].default == "warn"}}
+
+
+_REFERENCE_DEFAULTS = _reference_defaults()
+
+
 class LogisticDetector:
     """``LogisticRegressionCV`` on characteristics (fit / score shape of :class:`~jaxroute.detection.Detector`).
 
@@ -105,7 +119,8 @@ class LogisticDetector:
             raise ValueError(f"the regression's training rows hold {dict(zip(labels.tolist(), counts.tolist()))} "
                              f"images per label; its {CV_FOLDS}-fold validation needs at least {CV_FOLDS} of one "
                              "label (select more images)")
-        self.model = LogisticRegressionCV(random_state=self.seed, max_iter=1000, solver=self.solver).fit(x, y)
+        self.model = LogisticRegressionCV(random_state=self.seed, max_iter=1000, solver=self.solver,
+                                          **_REFERENCE_DEFAULTS).fit(x, y)
         return self
 
     def score(self, x) -> np.ndarray:

@@ -540,7 +540,10 @@ def gap_text(res: dict) -> str:
         f"test images, where Lee et al.'s ResNet-34 has 5 layers up to 512 channels. (3) The split: the "
         f"logistic regression is fitted on {' / '.join(map(str, rows['fit']))} adversarial / clean / noisy rows "
         f"and ε is chosen on {' / '.join(map(str, rows['val']))} (the reference's block split of the first 10% of "
-        f"the selected images), in one split without reshuffles.")
+        f"the selected images), "
+        + ("in one split without reshuffles." if r.get("runs", 1) == 1 else
+           f"the AUROC the mean over {r['runs']} reshuffles of that split (std "
+           f"{100 * r['mahalanobis_std']['fgsm']:.2f} points)."))
 
 
 def main(argv=None) -> int:

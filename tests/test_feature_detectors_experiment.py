@@ -82,6 +82,10 @@ def test_report_tables_and_target_statement(tmp_path):
     assert "No: 0.9000" in missed and "The gap to the paper: (1) the noisy twins" in missed
     assert "σ = 0.0100 per pixel, and only 97.0%" in missed and "noisy twins the same characteristics give 99.00%" in missed
     assert "in place of the noisy twins (same characteristics, split and ε choice): FGSM 99.00, BIM 99.00" in missed
+    assert "in one split without reshuffles." in missed
+    reshuffled = _result(0.9)
+    reshuffled["models"]["resnet20"]["result"].update(runs=5, mahalanobis_std={a: 0.0123 for a in ATTACKS})
+    assert "the AUROC the mean over 5 reshuffles of that split (std 1.23 points)." in report(reshuffled)
     other = _result(0.9, models=("resnet32",))
     assert other["target"] is None and "Not measured in this run" in report(other)
     both = _result(0.99, models=("resnet20", "resnet32"))

@@ -543,7 +543,7 @@ def gap_text(res: dict) -> str:
         f"the selected images), "
         + ("in one split without reshuffles." if r.get("runs", 1) == 1 else
            f"the AUROC the mean over {r['runs']} reshuffles of that split (std "
-           f"{100 * r['mahalanobis_std']['fgsm']:.2f} points)."))
+           f"{_pct(r['mahalanobis_std']['fgsm'])} points)."))
 
 
 def main(argv=None) -> int:
